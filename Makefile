@@ -1,0 +1,34 @@
+# capsx: `make train` and `make test` work on a fresh clone (they create .venv first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test bench ui lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: install  ## the quickstart: a small CapsNet on the embedded `shapes` data set (no download)
+	$(BIN)/capsx train recipes/quickstart.yaml
+
+test: install  ## the whole suite (CI runs exactly this)
+	$(BIN)/python -m pytest -q
+
+bench: install  ## throughput of the paper's CapsNet: training and inference images/s
+	$(BIN)/python benchmarks/bench_capsnet.py
+
+ui: install  ## MLflow UI on 127.0.0.1:5000 over runs/mlflow.db
+	$(BIN)/capsx ui
+
+lint: install
+	$(BIN)/ruff check capsx tests benchmarks
+	$(BIN)/mypy capsx
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

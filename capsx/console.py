@@ -1,0 +1,94 @@
+"""Everything the CLI shows: the progress bar, tables and the one-line errors (Rich)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from capsx.engine import EpochTotals
+from capsx.metrics import EvalResult
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def print_error(message: str) -> None:
+    """One red line; the message is plain text (no Rich markup is interpreted)."""
+    err_console.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+
+
+class ProgressReporter:
+    """A Rich progress bar per epoch: loss, accuracy, images/s and ETA; a line of test metrics after it."""
+
+    def __init__(self, out: Console = console) -> None:
+        self.console = out
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TextColumn("eta"), TimeRemainingColumn(),
+            console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=steps, completed=done, stats="")
+
+    def step(self, totals: EpochTotals, lr: float) -> None:
+        assert self.progress is not None and self.task is not None
+        stats = f"loss {totals.mean('loss'):.4f} acc {100 * totals.accuracy:.2f}% {totals.images_per_s:.0f} img/s"
+        self.progress.update(self.task, advance=1, stats=stats)
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.console.print(
+            f"  test error {100 * metrics['test/error']:.2f}%  test loss {metrics['test/loss']:.4f}  "
+            f"train acc {100 * metrics['train/acc']:.2f}%  {metrics['time/images_per_s']:.0f} img/s  "
+            f"{metrics['time/epoch_s']:.0f} s"
+        )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def key_value_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def per_class_table(result: EvalResult) -> Table:
+    table = Table(title="per-class accuracy", title_justify="left")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("errors", justify="right")
+    totals = result.confusion.sum(dim=1)
+    for k, name in enumerate(result.classes):
+        acc = result.per_class_accuracy[k].item()
+        wrong = int(totals[k] - result.confusion[k, k])
+        table.add_row(name, str(int(totals[k])), "-" if totals[k] == 0 else f"{100 * acc:.2f}%", str(wrong))
+    return table
+
+
+def confusion_table(result: EvalResult) -> Table:
+    table = Table(title="confusion matrix (rows: true class, columns: prediction)", title_justify="left")
+    table.add_column("true \\ pred", style="bold")
+    for name in result.classes:
+        table.add_column(name, justify="right")
+    for k, name in enumerate(result.classes):
+        cells = []
+        for j in range(len(result.classes)):
+            n = int(result.confusion[k, j])
+            cells.append(f"[green]{n}[/]" if j == k else (f"[red]{n}[/]" if n else "[dim]0[/]"))
+        table.add_row(name, *cells)
+    return table

@@ -1,0 +1,146 @@
+"""CapsNet (Sabour, Frosst, Hinton, "Dynamic Routing Between Capsules", NIPS 2017).
+
+MNIST layout: Conv1 256@9x9 ReLU (28 -> 20) -> PrimaryCaps 32 types of 8-D
+capsules @9x9 stride 2 (20 -> 6; 6*6*32 = 1152 capsules) -> DigitCaps 10 x 16-D
+by dynamic routing -> decoder 160 -> 512 -> 1024 -> 784 (sigmoid) from the
+masked DigitCaps. 8.2M parameters, 6.8M without the decoder.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from capsx.models.config import ModelConfig, register_model
+from capsx.models.output import ModelOutput
+from capsx.models.routing import RoutingTrace, capsule_length, dynamic_routing, squash
+
+
+class PrimaryCaps(nn.Module):
+    """A conv layer whose channels are read as `types` capsules of `dim` dimensions per position."""
+
+    summary_as_layer = True  # one row in `capsx summary`, not its inner conv
+
+    def __init__(self, in_channels: int, types: int, dim: int, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.types, self.dim = types, dim
+        self.conv = nn.Conv2d(in_channels, types * dim, kernel_size, stride=stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)  # (B, types*dim, H, W); no ReLU: squash is the non-linearity
+        B, _, H, W = y.shape
+        y = y.view(B, self.types, self.dim, H, W).permute(0, 1, 3, 4, 2)  # (B, types, H, W, dim)
+        return squash(y.reshape(B, self.types * H * W, self.dim))  # (B, I, dim)
+
+
+class ClassCaps(nn.Module):
+    """Fully connected capsule layer (the paper's DigitCaps): u_hat(j|i) = W_ij u_i, then routing."""
+
+    def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int, routing_iters: int,
+                 init_std: float) -> None:
+        super().__init__()
+        self.routing_iters = routing_iters
+        # One 8x16 matrix per (input i, output j) pair, no bias (paper).
+        self.weight = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim) * init_std)  # (I, J, D, d)
+
+    def predictions(self, u: Tensor) -> Tensor:
+        """u (B, I, d) -> u_hat (B, I, J, D)."""
+        return torch.einsum("ijDd,bid->bijD", self.weight, u)
+
+    def forward(self, u: Tensor, trace: RoutingTrace | None = None) -> Tensor:
+        return dynamic_routing(self.predictions(u), self.routing_iters, trace)  # (B, J, D)
+
+
+class CapsNet(nn.Module):
+    """The paper's three-layer CapsNet with its reconstruction decoder."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        conv1_channels: int = 256,
+        conv1_kernel: int = 9,
+        primary_types: int = 32,
+        primary_dim: int = 8,
+        primary_kernel: int = 9,
+        primary_stride: int = 2,
+        class_dim: int = 16,
+        routing_iters: int = 3,
+        decoder: bool = True,
+        decoder_hidden: tuple[int, ...] = (512, 1024),
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        C, H, W = input_shape
+        self.input_shape = input_shape
+        self.num_classes = num_classes
+        self.conv1 = nn.Conv2d(C, conv1_channels, conv1_kernel)
+        self.primary_caps = PrimaryCaps(conv1_channels, primary_types, primary_dim, primary_kernel, primary_stride)
+        grid_h = (H - conv1_kernel + 1 - primary_kernel) // primary_stride + 1
+        grid_w = (W - conv1_kernel + 1 - primary_kernel) // primary_stride + 1
+        if grid_h < 1 or grid_w < 1:
+            raise ValueError(f"input {H}x{W} is too small for the conv kernels")
+        self.primary_grid = (primary_types, grid_h, grid_w)
+        self.class_caps = ClassCaps(primary_types * grid_h * grid_w, primary_dim, num_classes, class_dim,
+                                    routing_iters, init_std)
+        self.decoder: nn.Sequential | None = None
+        if decoder:
+            layers: list[nn.Module] = []
+            width = num_classes * class_dim
+            for hidden in decoder_hidden:
+                layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+                width = hidden
+            layers += [nn.Linear(width, C * H * W), nn.Sigmoid()]
+            self.decoder = nn.Sequential(*layers)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> class capsules v (B, K, D)."""
+        h = F.relu(self.conv1(x))  # (B, 256, 20, 20)
+        u = self.primary_caps(h)  # (B, 1152, 8)
+        return self.class_caps(u)  # (B, 10, 16)
+
+    def reconstruct(self, capsules: Tensor, classes: Tensor) -> Tensor:
+        """Decode only the capsule of `classes` (B,) (the others are masked to 0)."""
+        assert self.decoder is not None
+        mask = F.one_hot(classes, self.num_classes).to(capsules.dtype)  # (B, K)
+        flat = (capsules * mask.unsqueeze(-1)).flatten(1)  # (B, K*D)
+        return self.decoder(flat).view(-1, *self.input_shape)
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> ModelOutput:
+        """`target` masks the decoder in training; at test time the prediction does."""
+        v = self.encode(x)
+        lengths = capsule_length(v)  # (B, K): |v_k| = P(class k present)
+        recon = None
+        if self.decoder is not None:
+            recon = self.reconstruct(v, target if target is not None else lengths.argmax(dim=1))
+        return ModelOutput(scores=lengths, capsules=v, reconstruction=recon)
+
+
+@register_model
+class CapsNetConfig(ModelConfig):
+    """`model: {name: capsnet, ...}`: the paper's defaults for MNIST."""
+
+    name: Literal["capsnet"] = "capsnet"
+    conv1_channels: int = Field(256, ge=1)
+    conv1_kernel: int = Field(9, ge=1)
+    primary_types: int = Field(32, ge=1)
+    primary_dim: int = Field(8, ge=1)
+    primary_kernel: int = Field(9, ge=1)
+    primary_stride: int = Field(2, ge=1)
+    class_dim: int = Field(16, ge=1)
+    routing_iters: int = Field(3, ge=1)
+    decoder: bool = True
+    decoder_hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [512, 1024])
+    init_std: float = Field(0.01, gt=0)
+
+    def build(self, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+        kw = self.kwargs()
+        kw["decoder_hidden"] = tuple(kw["decoder_hidden"])
+        return CapsNet(input_shape, num_classes, **kw)
+
+
+__all__ = ["CapsNet", "CapsNetConfig", "ClassCaps", "PrimaryCaps"]

@@ -1,0 +1,90 @@
+"""Plain CNNs: the paper's baseline and the lecture's small network.
+
+Both are one `ConvNet`: a stack of 'same'-padded convolutions (optionally each
+followed by a 2x2 max pool), fully connected layers, and dropout before the
+final linear layer (softmax / cross-entropy lives in the loss).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from capsx.models.config import ModelConfig, register_model
+from capsx.models.layers import Activation, make_activation
+from capsx.models.output import ModelOutput
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class ConvNet(nn.Module):
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        channels: tuple[int, ...],
+        kernel_size: int,
+        pool: bool,
+        hidden: tuple[int, ...],
+        dropout: float,
+        activation: Activation,
+    ) -> None:
+        super().__init__()
+        C, H, W = input_shape
+        features: list[nn.Module] = []
+        for out in channels:
+            features += [nn.Conv2d(C, out, kernel_size, padding="same"), make_activation(activation)]
+            if pool:
+                features.append(nn.MaxPool2d(2))
+                H, W = H // 2, W // 2
+            C = out
+        self.features = nn.Sequential(*features)
+        classifier: list[nn.Module] = [nn.Flatten()]
+        width = C * H * W
+        for h in hidden:
+            classifier += [nn.Linear(width, h), make_activation(activation)]
+            width = h
+        classifier += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
+        self.classifier = nn.Sequential(*classifier)
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> ModelOutput:
+        return ModelOutput(scores=self.classifier(self.features(x)))  # logits (B, K)
+
+
+class _ConvNetConfig(ModelConfig):
+    channels: list[PositiveInt]
+    kernel_size: int = Field(ge=1)
+    pool: bool
+    hidden: list[PositiveInt]
+    dropout: float = Field(0.5, ge=0, lt=1)
+    activation: Activation = "relu"
+
+    def build(self, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+        kw = self.kwargs()
+        kw["channels"], kw["hidden"] = tuple(kw["channels"]), tuple(kw["hidden"])
+        return ConvNet(input_shape, num_classes, **kw)
+
+
+@register_model
+class BaselineCNNConfig(_ConvNetConfig):
+    """The paper's baseline: conv 256, 256, 128 @5x5 stride 1 ('same', no pooling, which is
+    what its 35.4M parameters imply), FC 328, FC 192, dropout, 10-way softmax."""
+
+    name: Literal["baseline_cnn"] = "baseline_cnn"
+    channels: list[PositiveInt] = Field(default_factory=lambda: [256, 256, 128])
+    kernel_size: int = Field(5, ge=1)
+    pool: bool = False
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [328, 192])
+
+
+@register_model
+class ConvNetSmallConfig(_ConvNetConfig):
+    """The lecture's network: conv 32 @3x3, max-pool, conv 64 @3x3, max-pool, FC 1024, softmax."""
+
+    name: Literal["convnet_small"] = "convnet_small"
+    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
+    kernel_size: int = Field(3, ge=1)
+    pool: bool = True
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [1024])

@@ -1,0 +1,27 @@
+"""The plain reference CapsNet: the same weights, computed the way the public
+implementations do (broadcast W_ij @ u_i, then Procedure 1 line by line).
+
+It is the oracle of the equivalence tests and the baseline of `make bench`.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from capsx.models.capsnet import CapsNet
+from capsx.models.routing import routing_reference
+
+
+def predictions_reference(weight: Tensor, u: Tensor) -> Tensor:
+    """u_hat(j|i) = W_ij u_i as a broadcast matmul: W (1, I, J, D, d) @ u (B, I, 1, d, 1) -> (B, I, J, D)."""
+    return (weight.unsqueeze(0) @ u[:, :, None, :, None]).squeeze(-1)
+
+
+class ReferenceCapsNet(CapsNet):
+    """CapsNet whose class capsules are computed by the plain reference path."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        u = self.primary_caps(F.relu(self.conv1(x)))  # (B, I, d)
+        u_hat = predictions_reference(self.class_caps.weight, u)  # (B, I, J, D)
+        return routing_reference(u_hat, self.class_caps.routing_iters)  # (B, J, D)

@@ -1,0 +1,74 @@
+"""Squash and dynamic routing (Sabour, Frosst, Hinton 2017, Eq. 1-3 and Procedure 1).
+
+`dynamic_routing` is the fast path the models use. `routing_reference` is
+Procedure 1 written literally, broadcast products and all; it stays as the
+oracle the tests compare the fast path against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+SQUASH_EPS = 1e-8  # |s| can be exactly 0 (a dead primary capsule); keep sqrt's gradient finite
+
+
+def squash(s: Tensor, dim: int = -1) -> Tensor:
+    """v = |s|^2 / (1 + |s|^2) * s / |s|  (Eq. 1): length in [0, 1), direction kept."""
+    n2 = (s * s).sum(dim=dim, keepdim=True)
+    return s * (n2 / ((1.0 + n2) * torch.sqrt(n2 + SQUASH_EPS)))
+
+
+def capsule_length(v: Tensor, dim: int = -1) -> Tensor:
+    """|v| with the same epsilon, so the zero vector has a finite gradient."""
+    return torch.sqrt((v * v).sum(dim=dim) + SQUASH_EPS)
+
+
+@dataclass
+class RoutingTrace:
+    """What routing did, per iteration (for tests, pictures and the appendix diagnostic)."""
+
+    couplings: list[Tensor] = field(default_factory=list)  # c (B, I, J) used at each iteration
+    mean_abs_delta_b: list[float] = field(default_factory=list)  # mean |b_ij update| after each iteration
+
+
+def dynamic_routing(u_hat: Tensor, iterations: int, trace: RoutingTrace | None = None) -> Tensor:
+    """Route predictions u_hat (B, I, J, D) of I input capsules for J output capsules.
+
+    Returns v (B, J, D). The logits b are per sample, so a sample's result
+    does not depend on the rest of the batch. If `trace` is given, it is filled in.
+    """
+    B, I, J, D = u_hat.shape
+    # First iteration: b = 0, so c_ij = 1/J for every pair and s_j = sum_i u_hat(j|i) / J.
+    s = u_hat.sum(dim=1) / J  # (B, J, D)
+    v = squash(s)
+    if trace is not None:
+        trace.couplings.append(u_hat.new_full((B, I, J), 1.0 / J).detach())
+    b = None
+    for _ in range(1, iterations):
+        agreement = torch.einsum("bijd,bjd->bij", u_hat, v)  # (B, I, J): u_hat(j|i) . v_j
+        b = agreement if b is None else b + agreement
+        c = b.softmax(dim=2)  # (B, I, J): each input capsule splits itself over the J parents
+        s = torch.einsum("bij,bijd->bjd", c, u_hat)  # (B, J, D)
+        v = squash(s)
+        if trace is not None:
+            trace.mean_abs_delta_b.append(agreement.detach().abs().mean().item())
+            trace.couplings.append(c.detach())
+    if trace is not None:  # the update the last iteration would make (Procedure 1, line 7)
+        trace.mean_abs_delta_b.append(torch.einsum("bijd,bjd->bij", u_hat, v).detach().abs().mean().item())
+    return v
+
+
+def routing_reference(u_hat: Tensor, iterations: int) -> Tensor:
+    """Procedure 1, line by line (the plain style of the public implementations)."""
+    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype, device=u_hat.device)  # (B, I, J)
+    v = None
+    for _ in range(iterations):
+        c = torch.softmax(b, dim=2)  # line 4: softmax over the parents j
+        s = (c.unsqueeze(-1) * u_hat).sum(dim=1)  # line 5: s_j = sum_i c_ij u_hat(j|i)
+        v = squash(s)  # line 6
+        b = b + (u_hat * v.unsqueeze(1)).sum(dim=-1)  # line 7: b_ij += u_hat(j|i) . v_j
+    assert v is not None
+    return v

@@ -1,0 +1,281 @@
+"""Recipes: YAML files, validated once into a strict typed `Recipe`.
+
+Load order: the YAML file, then `--set key.path=value` overrides (values are
+YAML too), then validation. Every error names the file, the key path and what
+was expected, and raises `RecipeError`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+from capsx.data import DATASETS, DataConfig
+from capsx.errors import RecipeError
+from capsx.losses import CrossEntropyConfig, LossConfig, MarginLossConfig
+from capsx.models import MODELS, ModelConfig
+from capsx.optim import OptimizerConfig, ScheduleConfig
+from capsx.registry import Registry
+from capsx.schema import Section
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` (no object construction) with YAML 1.2's scalars: 1e-3 is a float
+    (YAML 1.1 wants "1.0e-3") and only true/false are booleans (1.1 also takes yes/no/on/off)."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+if TYPE_CHECKING:  # what the sections are to a type checker: the registries' common bases
+    ModelSection = ModelConfig
+    DataSection = DataConfig
+else:  # what pydantic validates: the union of the registered configs, picked by `name`
+    ModelSection = Annotated[Union[tuple(MODELS.values())], Field(discriminator="name")]
+    DataSection = Annotated[Union[tuple(DATASETS.values())], Field(discriminator="name")]
+
+
+class CheckpointConfig(Section):
+    every: int = Field(1, ge=1)  # write last.pt every this many epochs (and on interruption)
+    best: bool = True  # keep best.pt, the epoch with the lowest test error
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1)
+    seed: int = 0
+    early_stopping_patience: int | None = Field(None, ge=1)  # epochs without a better test error
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast mixed precision
+    log_every: int = Field(50, ge=1)  # steps between train/step_loss points
+    max_steps_per_epoch: int | None = Field(None, ge=1)  # cap an epoch's length (smoke runs)
+
+
+class TrackingConfig(Section):
+    experiment: str | None = None  # default: the recipe's name
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
+    run_name: str | None = None
+
+
+class Recipe(Section):
+    name: str = Field(min_length=1)
+    description: str = ""
+    model: ModelSection
+    loss: LossConfig | None = None  # default: margin for capsule models, cross-entropy otherwise
+    data: DataSection
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, then MPS, then CPU
+
+    @model_validator(mode="after")
+    def _default_loss(self) -> Recipe:
+        if self.loss is None:
+            loss = MarginLossConfig() if self.model.name == "capsnet" else CrossEntropyConfig()
+            object.__setattr__(self, "loss", loss)
+        return self
+
+    @property
+    def loss_config(self) -> MarginLossConfig | CrossEntropyConfig:
+        assert self.loss is not None  # filled in by the validator
+        return self.loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate. Raises `RecipeError` naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read the recipe ({e})") from None
+    try:
+        raw = parse_yaml(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}: not valid YAML{at}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping of sections (model, data, ...), got {_kind(raw)}")
+    raw.setdefault("name", path.stem)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        root = data.get("root")
+        if isinstance(root, str) and not Path(root).expanduser().is_absolute():
+            data["root"] = str((path.parent / root).resolve())  # paths in a recipe are relative to it
+    return recipe_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str, overrides: list[str] | None = None) -> Recipe:
+    raw = apply_overrides(raw, overrides or [], source)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {describe_error(e)}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `key.path=value` strings; each value is parsed as YAML (`3`, `1e-3`, `[1, 2]`, `null`)."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        keys = key.strip().split(".")
+        if not sep or not all(k.strip() for k in keys):
+            raise RecipeError(f"override {item!r}: expected key.path=value, e.g. train.epochs=3")
+        try:
+            value = parse_yaml(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # not YAML: take it as a plain string and let the schema judge it
+        node: Any = raw
+        for depth, k in enumerate(keys[:-1]):
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise RecipeError(f"{source}: override {item!r}: {where} is {_kind(child)}, not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _deep_copy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _deep_copy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deep_copy(v) for v in x]
+    return x
+
+
+def _kind(x: Any) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "empty"}
+    return names.get(type(x), type(x).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Error messages: one line, the key path as the user wrote it, what was expected
+
+
+def describe_error(err: ValidationError) -> str:
+    """The first error of a pydantic ValidationError as 'key.path: problem; expected ...'."""
+    e = err.errors(include_url=False)[0]
+    loc, kind, value = e["loc"], e["type"], e.get("input")
+    if kind == "extra_forbidden":
+        path, fields = _walk(Recipe, loc[:-1])
+        where = _dotted(path + [str(loc[-1])])
+        return f"{where}: unknown key; expected one of: {', '.join(fields) or 'none'}"
+    path, _ = _walk(Recipe, loc)
+    where = _dotted(path) or "(top level)"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        section = path[-1] if path else "section"
+        registries: dict[str, Registry[Any]] = {"model": MODELS, "data": DATASETS}
+        registry = registries.get(section)
+        tags = e.get("ctx", {}).get("expected_tags", "")
+        valid = ", ".join(registry.names()) if registry else tags.replace("'", "")
+        if kind == "union_tag_not_found":
+            return f"{where}.name: required key is missing; expected one of: {valid}"
+        tag = value.get("name") if isinstance(value, dict) else value
+        what = registry.kind if registry else section
+        return f"{where}.name: unknown {what} {tag!r}; expected one of: {valid}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{where}: expected a mapping, got {_kind(value)}"
+    return f"{where}: expected {_expected(kind, e.get('ctx', {}), e['msg'])}, got {value!r}"
+
+
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+    "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _expected(kind: str, ctx: dict[str, Any], msg: str) -> str:
+    if kind in _EXPECTED:
+        return _EXPECTED[kind]
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()), "?")
+        return f"a value {_BOUNDS[kind]} {bound}"
+    if kind == "literal_error":
+        return "one of: " + ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+    if kind in ("too_short", "too_long"):
+        return msg.replace("List should have", "a list with").split(" after")[0]
+    return msg[0].lower() + msg[1:].replace("Input should be", "").strip() if msg else "something else"
+
+
+def _dotted(path: list[str]) -> str:
+    """['model', 'decoder_hidden', '1'] -> 'model.decoder_hidden[1]'."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
+def _walk(cls: Any, loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
+    """Follow a pydantic error location through the schema. Returns the path as the user
+    writes it (discriminator tags dropped) and the valid keys of the innermost section."""
+    path: list[str] = []
+    fields: list[str] = list(getattr(cls, "model_fields", {}))
+    tags: dict[str, Any] = {}
+    for part in loc:
+        if tags:  # the previous part was a discriminated field: this part is the tag
+            cls = tags.get(part)
+            tags = {}
+            fields = list(getattr(cls, "model_fields", {})) if cls else []
+            continue
+        path.append(str(part))
+        info: FieldInfo | None = getattr(cls, "model_fields", {}).get(part) if cls else None
+        if info is None:
+            cls, fields = None, []
+            continue
+        cls, tags = _section_type(info)
+        fields = list(getattr(cls, "model_fields", {})) if cls else []
+    return path, fields
+
+
+def _section_type(info: FieldInfo) -> tuple[Any, dict[str, Any]]:
+    """For a field: its section class, or (None, {tag: class}) if it is a discriminated union."""
+    ann = info.annotation
+    members = [a for a in getattr(ann, "__args__", (ann,)) if a is not type(None)]
+    sections = [m for m in members if isinstance(m, type) and issubclass(m, Section)]
+    if len(sections) == 1:
+        return sections[0], {}
+    if len(sections) > 1:
+        return None, {m.model_fields["name"].default: m for m in sections}
+    return None, {}

@@ -1,0 +1,97 @@
+"""Local run directories: `runs/<experiment>/<run id>/` with run.json and checkpoints/.
+
+This is where a run's checkpoints live, so `eval latest` or `eval RUN_ID`
+works offline and with tracking off.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from capsx.errors import CapsxError
+
+RUNS_DIR = Path("runs")
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    experiment: str
+    recipe: str
+    tracking_uri: str | None
+    started: float
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / "run.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def make_run_dir(runs_dir: Path, experiment: str, run_id: str) -> Path:
+    run_dir = runs_dir / _safe(experiment) / run_id
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CapsxError(f"cannot create the run directory {run_dir}: {e.strerror}; "
+                         "expected a writable runs/ (or pass --runs-dir)") from None
+    return run_dir
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "default"
+
+
+def read_run_info(run_dir: Path) -> RunInfo:
+    return RunInfo(**json.loads((run_dir / "run.json").read_text()))
+
+
+def find_run_dir(runs_dir: Path, ref: str) -> Path | None:
+    """The local directory of run `ref` (a run id or `latest`), or None if it is not here."""
+    infos = sorted(runs_dir.glob("*/*/run.json"))
+    if ref == "latest":
+        if not infos:
+            return None
+        return max(infos, key=lambda p: (read_run_info(p.parent).started, p.stat().st_mtime)).parent
+    for p in infos:
+        if p.parent.name == ref:
+            return p.parent
+    return None
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """best.pt if the run kept one, else last.pt."""
+    for name in ("best.pt", "last.pt"):
+        path = run_dir / "checkpoints" / name
+        if path.is_file():
+            return path
+    raise CapsxError(f"{run_dir}: no checkpoints/best.pt or checkpoints/last.pt (the run ended before its first)")
+
+
+def resolve_checkpoint(ref: str, runs_dir: Path, tracking_uri: str | None, which: str = "best") -> Path:
+    """A checkpoint from a path, a run directory, 'latest', or a run id (local first, then MLflow).
+
+    which: 'best' (weights for eval; falls back to last.pt) or 'last' (the resumable state).
+    """
+    path = Path(ref)
+    if path.is_file():
+        return path
+    run_dir = path if (path / "checkpoints").is_dir() else find_run_dir(runs_dir, ref)
+    if run_dir is not None:
+        if which == "last":
+            last = run_dir / "checkpoints" / "last.pt"
+            if not last.is_file():
+                raise CapsxError(f"{run_dir}: no checkpoints/last.pt to resume from")
+            return last
+        return best_checkpoint(run_dir)
+    if ref == "latest":
+        raise CapsxError(f"no runs in {runs_dir}/ yet; train one first (e.g. capsx train recipes/quickstart.yaml)")
+    if re.fullmatch(r"[0-9a-f]{32}", ref) and which == "best":
+        from capsx.tracking import download_checkpoint, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(tracking_uri, None)
+        fetched = download_checkpoint(uri, ref, runs_dir / "_downloads" / ref)
+        if fetched is not None:
+            return fetched
+    raise CapsxError(f"no run or checkpoint {ref!r}: expected a checkpoint file, a run id found under "
+                     f"{runs_dir}/ or in the tracking store, or 'latest'")

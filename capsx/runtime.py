@@ -1,0 +1,28 @@
+"""Process-wide settings that make CPU training fast; applied once by the CLI."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+
+def keep_large_tensors_on_heap() -> bool:
+    """Stop glibc from mmap-ing every allocation over 32 MB.
+
+    A CapsNet step allocates and frees tensors of ~100 MB (the routing
+    predictions); served by mmap, each one is page-faulted and zeroed by the
+    kernel again every step: measured here, 0.57 s of system time per 1.3 s
+    training step. Served from the heap they are reused. Linux/glibc only.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another libc
+        return False
+    ok = libc.mallopt(M_MMAP_MAX, 0) == 1
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # and keep up to 1 GB of freed heap for reuse
+    return ok

@@ -1,0 +1,136 @@
+"""Checkpoints: round trip, refusal of pickled code, and exact resume after an interruption."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from capsx.checkpoint import load_checkpoint, save_checkpoint
+from capsx.device import resolve_device
+from capsx.engine import Interrupted, QuietReporter, Run, fit, load_model
+from capsx.errors import RunError
+from capsx.recipe import recipe_from_dict
+from capsx.tracking import Tracker
+from tests.conftest import tiny_recipe
+
+
+def _run(tmp: Path, name: str, tracker, reporter=None) -> Run:
+    run_dir = tmp / name
+    (run_dir / "checkpoints").mkdir(parents=True)
+    return Run(device=resolve_device("cpu"), data_root=tmp, run_dir=run_dir, tracker=tracker,
+               reporter=reporter or QuietReporter())
+
+
+class _NoTracking:
+    run_id = "local"
+
+    def log_metrics(self, metrics, step): ...
+    def log_params(self, params): ...
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    recipe = recipe_from_dict(tiny_recipe(), "t")
+    result = fit(recipe, _run(tmp_path, "a", _NoTracking()))
+    for path in (result.best_checkpoint, result.last_checkpoint):
+        payload = load_checkpoint(path)
+        again, model = load_model(payload, torch.device("cpu"))
+        assert again == recipe
+        x = torch.rand(4, 1, 28, 28)
+        model.eval()
+        # rebuild the trained model from scratch and load the same file twice: same outputs, bit for bit
+        _, model2 = load_model(load_checkpoint(path), torch.device("cpu"))
+        model2.eval()
+        with torch.no_grad():
+            assert torch.equal(model(x).scores, model2(x).scores)
+    last = load_checkpoint(result.last_checkpoint)
+    assert {"optimizer", "rng", "scaler", "state", "recipe", "run_id"} <= set(last)
+    assert "optimizer" not in load_checkpoint(result.best_checkpoint)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))  # what unpickling would run
+
+
+def test_a_checkpoint_carrying_pickled_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "capsx.checkpoint", "version": 1, "model": _Payload(marker)}, evil)
+    with pytest.raises(RunError, match="refused to load"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "x.pt").write_text("hello")
+    with pytest.raises(RunError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "y.pt")
+    with pytest.raises(RunError, match="not a capsx checkpoint"):
+        load_checkpoint(tmp_path / "y.pt")
+
+
+def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):
+    path = save_checkpoint(tmp_path / "last.pt", {"n": 1})
+    with pytest.raises(TypeError):
+        save_checkpoint(path, {"n": 2, "bad": object.__new__(type("Unsaveable", (), {"__reduce__": None}))})
+    assert load_checkpoint(path)["n"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+class _SignalAt:
+    """Sends SIGINT to this process after global step `at`, as a user's Ctrl-C would arrive."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.steps = at, 0
+
+    def epoch_start(self, *a): ...
+    def epoch_end(self, *a): ...
+
+    def step(self, totals, lr):
+        self.steps += 1
+        if self.steps == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("model", [
+    {"name": "capsnet", "conv1_channels": 8, "primary_types": 4, "class_dim": 8, "decoder_hidden": [16, 32]},
+    {"name": "convnet_small", "channels": [4, 8], "hidden": [16], "dropout": 0.5},  # dropout: the RNG matters
+])
+def test_resume_after_ctrl_c_mid_epoch_is_bit_identical(tmp_path, model):
+    raw = tiny_recipe(model=model, data={"name": "shapes", "train_size": 80, "test_size": 24, "batch_size": 16,
+                                         "augment": {"shift": 2}}, train={"epochs": 2, "seed": 3, "log_every": 1})
+    recipe = recipe_from_dict(raw, "t")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    straight = Tracker.start(uri, "resume")
+    a = fit(recipe, _run(tmp_path, "a", straight))
+
+    interrupted = Tracker.start(uri, "resume")
+    run_b = _run(tmp_path, "b", interrupted, reporter=_SignalAt(7))  # 5 steps per epoch: step 2 of epoch 2
+    with pytest.raises(Interrupted) as stop:
+        fit(recipe, run_b)
+    assert stop.value.signum == signal.SIGINT and stop.value.state.global_step == 7
+    payload = load_checkpoint(stop.value.checkpoint)
+    resumed = Tracker.attach(uri, payload["run_id"], reopen=True)
+    b = fit(recipe, _run(tmp_path, "b2", resumed), resume=payload)
+
+    wa, wb = load_checkpoint(a.last_checkpoint)["model"], load_checkpoint(b.last_checkpoint)["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+    def untimed(history):
+        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
+
+    assert untimed(a.state.history) == untimed(b.state.history)
+    client = MlflowClient(uri)
+    for key in ("train/loss", "train/acc", "test/error", "test/loss", "train/step_loss"):
+        ma = [(m.step, m.value) for m in client.get_metric_history(straight.run_id, key)]
+        mb = [(m.step, m.value) for m in client.get_metric_history(interrupted.run_id, key)]
+        assert ma and sorted(ma) == sorted(mb), key  # one set of metrics, the same values

@@ -1,0 +1,155 @@
+"""The CLI end to end: train into a real MLflow SQLite store in a temp dir, read it back, eval, errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from capsx.cli import app
+from tests.conftest import REPO, TINY_CAPSNET, tiny_recipe
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    return result
+
+
+def _write(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _only_run(uri: str):
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_train_then_eval_into_a_real_mlflow_store(workdir, tiny_mnist):
+    recipe = _write(workdir / "tiny-mnist.yaml", tiny_recipe(
+        data={"name": "mnist", "batch_size": 32, "augment": {"shift": 2}}, model=dict(TINY_CAPSNET)))
+    res = invoke("train", str(recipe), "train.epochs=2", "--set", "train.log_every=2",
+                 "--data-root", str(tiny_mnist))
+    assert res.exit_code == 0, res.output
+    assert "test error" in res.output and "done" in res.output
+
+    uri = f"sqlite:///{workdir}/runs/mlflow.db"
+    client, run = _only_run(uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.name"] == "capsnet"
+    assert run.data.params["data.augment.shift"] == "2" and int(run.data.params["model.num_params"]) > 0
+    assert run.data.tags["capsx.model"] == "capsnet" and run.data.tags["capsx.data"] == "mnist"
+    assert "capsx.device" in run.data.tags and "capsx.torch" in run.data.tags
+    for key in ("train/loss", "train/margin_loss", "train/recon_loss", "train/acc", "test/error", "lr",
+                "time/epoch_s", "time/images_per_s"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    assert len(client.get_metric_history(run.info.run_id, "train/step_loss")) == 2 * 8 // 2  # 256/32 = 8 steps/epoch
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"recipe.yaml", "checkpoints", "test"} <= artifacts
+    ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert ckpts == {"checkpoints/best.pt"}
+    local = next((workdir / "runs").glob("tiny/*/checkpoints/last.pt"))
+    assert local.parent.parent.name == run.info.run_id
+
+    res = invoke("eval", "latest", "--data-root", str(tiny_mnist))
+    assert res.exit_code == 0, res.output
+    assert "test error" in res.output and "confusion matrix" in res.output and "per-class accuracy" in res.output
+    eval_error = client.get_metric_history(run.info.run_id, "eval/error")
+    # eval reads best.pt and reproduces the test error training measured at that epoch
+    test_error = sorted(client.get_metric_history(run.info.run_id, "test/error"), key=lambda m: m.step)
+    best = min(test_error, key=lambda m: m.value)
+    assert len(eval_error) == 1 and eval_error[0].step == best.step
+    assert eval_error[0].value == pytest.approx(best.value, abs=1e-12)
+    assert len(client.get_metric_history(run.info.run_id, "eval/acc_class/3")) == 1
+
+    # by run id, and by checkpoint path, without logging
+    assert invoke("eval", run.info.run_id, "--data-root", str(tiny_mnist), "--no-log").exit_code == 0
+    assert invoke("eval", str(local), "--data-root", str(tiny_mnist), "--no-log").exit_code == 0
+
+
+def test_eval_fetches_the_checkpoint_from_mlflow_when_the_run_dir_is_gone(workdir, tiny_mnist):
+    recipe = _write(workdir / "r.yaml", tiny_recipe(data={"name": "mnist", "batch_size": 64}))
+    assert invoke("train", str(recipe), "--data-root", str(tiny_mnist)).exit_code == 0
+    _, run = _only_run(f"sqlite:///{workdir}/runs/mlflow.db")
+    import shutil
+
+    shutil.rmtree(workdir / "runs" / "tiny")
+    res = invoke("eval", run.info.run_id, "--data-root", str(tiny_mnist), "--no-log")
+    assert res.exit_code == 0, res.output
+    assert (workdir / "runs" / "_downloads" / run.info.run_id / "best.pt").is_file()
+
+
+def test_tracking_uri_flag_and_env(workdir, monkeypatch):
+    recipe = _write(workdir / "r.yaml", tiny_recipe())
+    other = workdir / "elsewhere" / "store.db"
+    assert invoke("train", str(recipe), "--tracking-uri", f"sqlite:///{other}").exit_code == 0
+    _only_run(f"sqlite:///{other}")
+    env_db = workdir / "env.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{env_db}")
+    assert invoke("train", str(recipe)).exit_code == 0
+    _only_run(f"sqlite:///{env_db}")
+    assert not (workdir / "runs" / "mlflow.db").exists()
+
+
+def test_no_track_still_writes_checkpoints_and_evals(workdir):
+    recipe = _write(workdir / "r.yaml", tiny_recipe())
+    res = invoke("train", str(recipe), "--no-track")
+    assert res.exit_code == 0, res.output
+    assert not (workdir / "runs" / "mlflow.db").exists()
+    res = invoke("eval", "latest")
+    assert res.exit_code == 0 and "not logged" in res.output
+
+
+def test_print_config_shows_the_resolved_recipe(workdir):
+    res = invoke("train", str(REPO / "recipes" / "mnist-capsnet.yaml"), "--print-config", "--set",
+                 "train.epochs=1", "data.subset=2000")
+    assert res.exit_code == 0
+    resolved = yaml.safe_load(res.output)
+    assert resolved["train"]["epochs"] == 1 and resolved["data"]["subset"] == 2000
+    assert resolved["loss"]["name"] == "margin" and resolved["model"]["routing_iters"] == 3
+    assert not (workdir / "runs").exists()
+
+
+def test_summary_prints_the_paper_totals():
+    res = invoke("summary", str(REPO / "recipes" / "mnist-capsnet.yaml"))
+    assert res.exit_code == 0
+    assert "8,215,568 (8.2M)" in res.output and "6,804,224 (6.8M)" in res.output and "(1152, 8)" in res.output
+    res = invoke("summary", str(REPO / "recipes" / "mnist-cnn.yaml"))
+    assert "35,445,522 (35.4M)" in res.output
+
+
+@pytest.mark.parametrize("args,code,words", [
+    (["train", "missing.yaml"], 2, ["missing.yaml", "recipe file not found"]),
+    (["train", "{bad}", "model.routing_iters=0"], 2, ["model.routing_iters", ">= 1"]),
+    (["train", "{bad}", "model.nme=capsnet"], 2, ["model.nme", "unknown key"]),
+    (["train", "{bad}", "optimizer.name=adamw"], 2, ["optimizer.name", "adam"]),
+    (["train", "{mnist}", "--data-root", "{tmp}/nodata"], 2, ["MNIST not found",
+                                                                               "train-images-idx3-ubyte"]),
+    (["train", "{bad}", "device=cuda"], 2, ["device 'cuda' is not available"]),
+    (["train"], 2, ["missing RECIPE"]),
+    (["train", "{bad}", "--resume", "latest"], 2, ["give no recipe file"]),
+    (["train", "--resume", "latest"], 2, ["no runs in"]),
+    (["eval", "latest"], 2, ["no runs in"]),
+    (["eval", "0123456789abcdef0123456789abcdef"], 2, ["no run or checkpoint"]),
+    (["eval", "{tmp}/bad.yaml"], 1, ["not a readable checkpoint"]),
+    (["summary", "{tmp}/nope.yaml"], 2, ["recipe file not found"]),
+])
+def test_bad_input_is_one_red_line_without_traceback(workdir, args, code, words):
+    bad = _write(workdir / "bad.yaml", tiny_recipe())
+    mnist = _write(workdir / "mnist.yaml", tiny_recipe(data={"name": "mnist"}))
+    args = [a.replace("{bad}", str(bad)).replace("{mnist}", str(mnist)).replace("{tmp}", str(workdir))
+            for a in args]
+    res = runner.invoke(app, args)
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("error:")]
+    assert len(error_lines) == 1, res.output
+    for w in words:
+        assert w in res.output.replace("\n", ""), (w, res.output)

@@ -1,0 +1,118 @@
+"""Data: the batched shift, the shapes generator, batch order, and MNIST read by torchvision."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capsx.data import Batches, ImageSet, random_shift
+from capsx.data.mnist import MNISTConfig
+from capsx.data.shapes import SHAPE_NAMES, ShapesConfig, draw_shapes
+from capsx.errors import DataError
+from tests.conftest import real_mnist_root, write_mnist
+
+
+def _shift_reference(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Shift one (C, H, W) image by (dx, dy) pixels with zero fill, by plain slicing."""
+    C, H, W = img.shape
+    out = torch.zeros_like(img)
+    out[:, max(0, dy):H + min(0, dy), max(0, dx):W + min(0, dx)] = \
+        img[:, max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)]
+    return out
+
+
+def test_random_shift_moves_each_image_by_its_own_offset_with_zero_padding():
+    images = torch.rand(64, 2, 9, 7)
+    g = torch.Generator().manual_seed(3)
+    shifted = random_shift(images, 2, g)
+    offsets = torch.randint(0, 5, (2, 64), generator=torch.Generator().manual_seed(3))
+    seen = set()
+    for i in range(64):
+        # a crop at (row, col) of the 2-padded image is a shift by (2 - col, 2 - row)
+        dy, dx = 2 - int(offsets[0, i]), 2 - int(offsets[1, i])
+        seen.add((dx, dy))
+        assert torch.equal(shifted[i], _shift_reference(images[i], dx, dy)), (i, dx, dy)
+    assert len(seen) > 10  # per image, not one shift per batch
+
+
+def test_random_shift_works_on_uint8():
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    out = random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+
+
+def test_shapes_are_deterministic_balanced_and_carry_pose():
+    a, b = draw_shapes(600, 5, 0.55, 1.0), draw_shapes(600, 5, 0.55, 1.0)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, draw_shapes(600, 6, 0.55, 1.0).images)
+    counts = torch.bincount(a.labels, minlength=len(SHAPE_NAMES))
+    assert counts.min() > 60
+    assert a.images.shape == (600, 1, 28, 28) and a.images.dtype == torch.uint8
+    pose = a.extras["pose"]
+    assert pose.shape == (600, 4)
+    # every shape lies inside the canvas: the border is dark
+    border = torch.cat([a.images[:, 0, 0], a.images[:, 0, -1], a.images[:, 0, :, 0], a.images[:, 0, :, -1]], 1)
+    assert border.max() == 0
+    # the drawn centre of mass follows the pose's centre
+    img = a.images[:, 0].float()
+    ys, xs = torch.meshgrid(torch.arange(28.0) + 0.5, torch.arange(28.0) + 0.5, indexing="ij")
+    cx = (img * xs).sum((1, 2)) / img.sum((1, 2))
+    sym = torch.isin(a.labels, torch.tensor([SHAPE_NAMES.index(s) for s in ("rectangle", "ellipse", "cross", "ring")]))
+    assert (cx[sym] - pose[sym, 0]).abs().max() < 0.6  # centrally symmetric shapes: centroid = centre
+
+
+def test_shapes_config_splits_differ_and_subset_applies():
+    splits = ShapesConfig(train_size=200, test_size=50, subset=120).load_splits(Path("."))
+    assert len(splits.train) == 120 and len(splits.test) == 50
+    assert splits.classes == SHAPE_NAMES
+
+
+def test_batches_cover_the_epoch_and_restart_at_any_step():
+    data = ImageSet(torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 1, 4, 4).contiguous(),
+                    torch.arange(100))
+    batches = Batches(data, 16, shuffle=True, seed=1, shift=1)
+    assert len(batches) == 7
+    full = list(batches.epoch(3))
+    labels = torch.cat([y for _, y in full])
+    assert sorted(labels.tolist()) == list(range(100))
+    assert not torch.equal(labels, torch.cat([y for _, y in batches.epoch(4)]))  # reshuffled per epoch
+    tail = list(batches.epoch(3, start_step=4))
+    for (x1, y1), (x2, y2) in zip(full[4:], tail, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    x, _ = full[0]
+    assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
+
+
+def test_mnist_reads_idx_files_through_torchvision(tmp_path):
+    root = write_mnist(tmp_path, n_train=50, n_test=20)
+    splits = MNISTConfig().load_splits(root)
+    assert splits.train.images.shape == (50, 1, 28, 28) and splits.test.images.shape == (20, 1, 28, 28)
+    raw = (root / "MNIST" / "raw" / "train-images-idx3-ubyte").read_bytes()
+    assert np.array_equal(splits.train.images[:, 0].numpy().ravel(), np.frombuffer(raw[16:], np.uint8))
+
+
+def test_mnist_missing_files_name_them_and_the_fix(tmp_path):
+    with pytest.raises(DataError) as e:
+        MNISTConfig().load_splits(tmp_path)
+    msg = str(e.value)
+    assert "train-images-idx3-ubyte" in msg and str(tmp_path / "MNIST" / "raw") in msg
+    assert "data.download=true" in msg and "CAPSX_DATA" in msg
+
+
+def test_mnist_truncated_file_is_a_data_error(tmp_path):
+    root = write_mnist(tmp_path, n_train=50, n_test=20)
+    f = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(DataError, match="could not be read"):
+        MNISTConfig().load_splits(root)
+
+
+def test_real_mnist_counts():
+    root = real_mnist_root()
+    if root is None:
+        pytest.skip("real MNIST not found: set CAPSX_DATA to a folder holding MNIST/raw/")
+    splits = MNISTConfig().load_splits(root)
+    assert len(splits.train) == 60_000 and len(splits.test) == 10_000
+    assert splits.train.labels[:5].tolist() == [5, 0, 4, 1, 9]
+    assert torch.bincount(splits.test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -1,0 +1,125 @@
+"""Contracts for every registered model, and the paper's numbers."""
+
+import pytest
+import torch
+
+from capsx.models import MODELS, ModelOutput, build_model
+from capsx.models.capsnet import CapsNet
+from capsx.models.routing import RoutingTrace, dynamic_routing, routing_reference
+from capsx.summary import summarize
+
+SMALL = {  # keep every registered model cheap here; the paper sizes are checked by parameter count
+    "capsnet": {"conv1_channels": 16, "primary_types": 4, "decoder_hidden": [32, 64]},
+    "baseline_cnn": {"channels": [8, 8, 4], "hidden": [16, 8]},
+    "convnet_small": {"channels": [4, 8], "hidden": [16]},
+}
+
+
+def test_every_registered_model_has_a_small_config_here():
+    assert set(MODELS.names()) == set(SMALL)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_output_shape_no_nan_and_gradient_on_every_parameter(name):
+    cfg = MODELS.get(name)(**SMALL[name])
+    model = build_model(cfg, (1, 28, 28), num_classes=7)  # a non-default class count
+    x = torch.rand(3, 1, 28, 28)
+    out = model(x, torch.tensor([0, 3, 6]))
+    assert isinstance(out, ModelOutput)
+    assert out.scores.shape == (3, 7) and torch.isfinite(out.scores).all()
+    loss = out.scores.sum() + (out.reconstruction.sum() if out.reconstruction is not None else 0)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{pname} got a zero gradient"
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_non_square_multichannel_input(name):
+    model = build_model(MODELS.get(name)(**SMALL[name]), (3, 32, 30), num_classes=4)
+    out = model(torch.rand(2, 3, 32, 30))
+    assert out.scores.shape == (2, 4)
+    if out.reconstruction is not None:
+        assert out.reconstruction.shape == (2, 3, 32, 30)
+
+
+def test_paper_parameter_counts():
+    capsnet = build_model(MODELS.get("capsnet")(), (1, 28, 28), 10)
+    s = summarize(capsnet, (1, 28, 28))
+    assert s.total_params == 8_215_568  # "8.2M"
+    assert s.total_params - s.decoder_params == 6_804_224  # "6.8M without the decoder"
+    assert [r.output_shape for r in s.layers[:3]] == [(256, 20, 20), (1152, 8), (10, 16)]
+    cnn = build_model(MODELS.get("baseline_cnn")(), (1, 28, 28), 10)
+    assert sum(p.numel() for p in cnn.parameters()) == 35_445_522  # "35.4M"
+
+
+def test_capsnet_forward_equals_reference_routing():
+    model = build_model(MODELS.get("capsnet")(**SMALL["capsnet"]), (1, 28, 28), 10).double()
+    x = torch.rand(2, 1, 28, 28, dtype=torch.double)
+    caps = model.class_caps
+    h = torch.relu(model.conv1(x))
+    u = model.primary_caps(h)
+    # the public code's broadcast product: W (1, I, J, D, d) @ u (B, I, 1, d, 1)
+    u_hat_ref = (caps.weight.unsqueeze(0) @ u[:, :, None, :, None]).squeeze(-1)
+    assert torch.allclose(caps.predictions(u), u_hat_ref, atol=1e-12)
+    assert torch.allclose(model.encode(x), routing_reference(u_hat_ref, caps.routing_iters), atol=1e-12)
+
+
+def test_decoder_is_masked_by_target_in_training_and_by_prediction_at_test():
+    model: CapsNet = build_model(MODELS.get("capsnet")(**SMALL["capsnet"]), (1, 28, 28), 10)
+    x = torch.rand(2, 1, 28, 28)
+    out = model(x)
+    assert torch.allclose(out.reconstruction, model.reconstruct(out.capsules, out.prediction))
+    forced = torch.tensor([3, 3])
+    assert torch.allclose(model(x, forced).reconstruction, model.reconstruct(out.capsules, forced))
+    assert out.reconstruction.min() >= 0 and out.reconstruction.max() <= 1  # sigmoid output
+
+
+def test_trace_through_the_model():
+    model = build_model(MODELS.get("capsnet")(**SMALL["capsnet"]), (1, 28, 28), 10)
+    u = model.primary_caps(torch.relu(model.conv1(torch.rand(2, 1, 28, 28))))
+    trace = RoutingTrace()
+    v = model.class_caps(u, trace)
+    assert torch.allclose(v, dynamic_routing(model.class_caps.predictions(u), 3))
+    assert trace.couplings[0].shape == (2, u.shape[1], 10)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_tiny_model_overfits_a_tiny_batch(name):
+    torch.manual_seed(0)
+    kwargs = dict(SMALL[name])
+    if name != "capsnet":
+        kwargs["dropout"] = 0.0  # memorising 8 random images is the point here
+    model = build_model(MODELS.get(name)(**kwargs), (1, 28, 28), 4)
+    from capsx.losses import CrossEntropyConfig, MarginLossConfig
+
+    criterion = MarginLossConfig() if name == "capsnet" else CrossEntropyConfig()
+    x, y = torch.rand(8, 1, 28, 28), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(100):
+        terms = criterion(model(x, y), x, y)
+        opt.zero_grad()
+        terms.total.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(x).prediction == y).all()
+    assert terms.total.item() < 0.05
+
+
+def test_fast_capsnet_matches_the_plain_reference_in_outputs_and_gradients():
+    from capsx.models.reference import ReferenceCapsNet
+
+    kwargs = dict(SMALL["capsnet"])
+    fast = build_model(MODELS.get("capsnet")(**kwargs), (1, 28, 28), 10).double()
+    ref = ReferenceCapsNet((1, 28, 28), 10, **{**kwargs, "decoder_hidden": tuple(kwargs["decoder_hidden"])}).double()
+    ref.load_state_dict(fast.state_dict())
+    x, y = torch.rand(3, 1, 28, 28, dtype=torch.double), torch.tensor([1, 5, 9])
+    of, orf = fast(x, y), ref(x, y)
+    assert torch.allclose(of.capsules, orf.capsules, atol=1e-12)
+    assert torch.allclose(of.reconstruction, orf.reconstruction, atol=1e-12)
+    (of.scores.sum() + of.reconstruction.sum()).backward()
+    (orf.scores.sum() + orf.reconstruction.sum()).backward()
+    for (name, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.allclose(pf.grad, pr.grad, atol=1e-10), name
