@@ -11,9 +11,7 @@ import os
 import platform
 import shutil
 import socket
-import subprocess
 import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -214,15 +212,12 @@ def ui(
     with socket.socket() as s:
         if s.connect_ex((host, port)) == 0:
             raise CapsxError(f"port {port} on {host} is already in use; pass --port")
-    console.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C to stop)")
-    try:
-        raise typer.Exit(subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}))
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex
+    console.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C to stop)", soft_wrap=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # MLflow 3 also starts a pool of job workers (for GenAI evaluation jobs); browsing runs needs none.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    sys.stdout.flush()
+    os.execve(mlflow_bin, cmd, env)  # become mlflow: Ctrl-C and SIGTERM reach it (and its server) directly
 
 
 def main() -> None:

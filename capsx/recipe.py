@@ -215,7 +215,12 @@ def describe_error(err: ValidationError) -> str:
         return f"{where}.name: unknown {what} {tag!r}; expected one of: {valid}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{where}: expected a mapping, got {_kind(value)}"
-    return f"{where}: expected {_expected(kind, e.get('ctx', {}), e['msg'])}, got {value!r}"
+    return f"{where}: expected {_expected(kind, e.get('ctx', {}), e['msg'])}, got {_short(value)}"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _EXPECTED = {
