@@ -1,0 +1,82 @@
+"""The loop's policies: early stopping, mixed precision, schedules, data wait accounting."""
+
+import math
+
+import pytest
+import torch
+
+from capsx.device import resolve_device
+from capsx.engine import QuietReporter, Run, fit
+from capsx.errors import CapsxError
+from capsx.optim import ScheduleConfig, lr_factor
+from capsx.recipe import recipe_from_dict
+from tests.conftest import tiny_recipe
+
+
+class _NoTracking:
+    run_id = "local"
+
+    def __init__(self):
+        self.metrics = []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, metrics))
+
+    def log_params(self, params): ...
+
+
+def _run(tmp_path, tracker):
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    return Run(device=resolve_device("cpu"), data_root=tmp_path, run_dir=tmp_path, tracker=tracker,
+               reporter=QuietReporter())
+
+
+def test_early_stopping_after_patience_epochs_without_a_better_test_error(tmp_path):
+    # A learning rate too small to change any prediction: the test error never improves after epoch 1.
+    recipe = recipe_from_dict(tiny_recipe(), "t", ["train.epochs=6", "train.early_stopping_patience=2",
+                                                   "optimizer.lr=1e-12", "schedule.name=constant"])
+    result = fit(recipe, _run(tmp_path, _NoTracking()))
+    assert result.stopped_early and result.state.epoch == 3
+    assert result.state.best_epoch == 1 and result.state.bad_epochs == 2
+    assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    tracker = _NoTracking()
+    recipe = recipe_from_dict(tiny_recipe(), "t", ["train.precision=bf16"])
+    result = fit(recipe, _run(tmp_path, tracker))
+    assert math.isfinite(result.state.history[-1]["train/loss"])
+    assert all(p.dtype == torch.float32 for p in torch.load(result.last_checkpoint)["model"].values())
+
+
+def test_fp16_needs_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    recipe = recipe_from_dict(tiny_recipe(), "t", ["train.precision=fp16"])
+    with pytest.raises(CapsxError, match="fp16 needs a CUDA device"):
+        fit(recipe, _run(tmp_path, _NoTracking()))
+
+
+def test_epoch_metrics_are_logged_once_per_epoch_with_their_epoch_as_step(tmp_path):
+    tracker = _NoTracking()
+    fit(recipe_from_dict(tiny_recipe(), "t", ["train.epochs=2"]), _run(tmp_path, tracker))
+    epoch_rows = [(step, m) for step, m in tracker.metrics if "test/error" in m]
+    assert [s for s, _ in epoch_rows] == [1, 2]
+    m = epoch_rows[0][1]
+    assert 0 <= m["time/data_wait_frac"] < 1 and m["time/images_per_s"] > 0
+    assert m["train/acc"] == pytest.approx(m["train/acc"]) and 0 <= m["test/error"] <= 1
+
+
+@pytest.mark.parametrize("cfg,step,total,expected", [
+    (ScheduleConfig(name="constant"), 500, 1000, 1.0),
+    (ScheduleConfig(name="exponential", gamma=0.96, decay_steps=2000), 2000, 10**6, 0.96),
+    (ScheduleConfig(name="exponential", gamma=0.96, decay_steps=2000), 1000, 10**6, 0.96 ** 0.5),
+    (ScheduleConfig(name="cosine"), 0, 101, 1.0),
+    (ScheduleConfig(name="cosine"), 50, 101, 0.5),
+    (ScheduleConfig(name="cosine"), 100, 101, 0.0),
+    (ScheduleConfig(name="cosine", final_fraction=0.1), 100, 101, 0.1),
+    (ScheduleConfig(name="cosine", warmup_steps=10), 4, 110, 0.5),
+    (ScheduleConfig(name="cosine", warmup_steps=10), 10, 110, 1.0),
+])
+def test_schedules_by_hand(cfg, step, total, expected):
+    assert lr_factor(cfg, step, total) == pytest.approx(expected)
