@@ -189,6 +189,209 @@ def summary(
     console.print(key_value_table("totals", rows))
 
 
+# ------------------------------------------------------------------------------------ pictures (shared)
+
+RunOpt = Annotated[str | None, typer.Option("--run", help="A run id or 'latest' (default: latest).")]
+CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint file instead of a run.")]
+LogOpt = Annotated[bool, typer.Option("--log/--no-log", help="Log the pictures to the run in MLflow.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+ImageOpt = Annotated[list[Path] | None, typer.Option(
+    "--image", help="Your own image file (repeatable): made grey, inverted if dark-on-light, scaled, centred.")]
+
+
+def _open(run: str | None, checkpoint: Path | None, runs_dir: Path, tracking_uri: str | None,
+          data_root: Path | None, device: str, log: bool) -> Any:
+    from capsx.inspection import open_trained
+
+    return open_trained(run, checkpoint, runs_dir=runs_dir, tracking_uri=tracking_uri, data_root=data_root,
+                        device_name=device, log=log)
+
+
+def _parse_range(text: str) -> tuple[float, float]:
+    try:
+        start, stop = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise CapsxError(f"--range {text!r}: expected START:STOP, e.g. -0.25:0.25") from None
+    return start, stop
+
+
+def _parse_dims(dim: int | None, dims: str | None) -> list[int] | None:
+    if dim is not None and dims is not None:
+        raise CapsxError("give --dim N or --dims LIST|all, not both")
+    if dim is not None:
+        return [dim]
+    if dims is None or dims == "all":
+        return None
+    try:
+        return [int(d) for d in dims.split(",")]
+    except ValueError:
+        raise CapsxError(f"--dims {dims!r}: expected 'all' or a comma-separated list such as 0,3,5") from None
+
+
+@app.command()
+@handles_errors
+def perturb(
+    dim: Annotated[int | None, typer.Option("--dim", help="One capsule dimension: one row per input.")] = None,
+    dims: Annotated[str | None, typer.Option("--dims", help="'all' (default) or a list such as 0,3,5: "
+                                                            "one row per dimension, a picture per input.")] = None,
+    cls: Annotated[int | None, typer.Option("--class", help="Use test images of this class.")] = None,
+    samples: Annotated[int | None, typer.Option("--samples", help="How many test images (default: one per class "
+                                                                  "with --dim, else one).")] = None,
+    value_range: Annotated[str, typer.Option("--range", help="START:STOP of the shifts (use --range=-0.3:0.3).")]
+    = "-0.25:0.25",
+    steps: Annotated[int, typer.Option("--steps", help="Columns from START to STOP.")] = 11,
+    class_mean: Annotated[bool, typer.Option("--class-mean", help="Perturb each class's mean capsule over the "
+                                                                  "test set instead of one image's.")] = False,
+    image: ImageOpt = None,
+    run: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    data_root: DataRootOpt = None,
+    tracking_uri: TrackingOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    log: LogOpt = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The paper's Fig. 4: decode the winning class capsule with one dimension shifted at a time."""
+    from capsx.inspection import run_perturb
+
+    chosen = _parse_dims(dim, dims)
+    rng = _parse_range(value_range)
+    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
+    run_perturb(t, dims=chosen, value_range=rng, steps=steps, cls=cls, samples=samples, image=image,
+                class_mean=class_mean)
+
+
+@app.command()
+@handles_errors
+def reconstruct(
+    count: Annotated[int, typer.Option("--count", help="Test images in the main panel.")] = 10,
+    misclassified: Annotated[int, typer.Option("--misclassified", help="Mistakes in the strip (0: none).")] = 10,
+    force_class: Annotated[int | None, typer.Option(
+        "--force-class", help="Decode the capsule of this class instead of the predicted one ('P:').")] = None,
+    error_images: Annotated[int, typer.Option("--error-images", help="Test images the mean error is taken over.")]
+    = 1000,
+    image: ImageOpt = None,
+    run: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    data_root: DataRootOpt = None,
+    tracking_uri: TrackingOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    log: LogOpt = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The paper's Fig. 3: inputs above their reconstructions, mistakes marked; the mean reconstruction error."""
+    from capsx.inspection import run_reconstruct
+
+    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
+    run_reconstruct(t, count=count, misclassified=misclassified, force_class=force_class, image=image,
+                    error_images=error_images)
+
+
+visualize_app = typer.Typer(help="Look inside a trained model: filters, activations, routing, saliency, "
+                                 "top-activating images.", no_args_is_help=True)
+app.add_typer(visualize_app, name="visualize")
+LayerOpt = Annotated[str | None, typer.Option("--layer", help="A layer name as `capsx summary` lists it "
+                                                              "(default: the first conv layer).")]
+IndexOpt = Annotated[int, typer.Option("--index", help="Which test image.")]
+OneImageOpt = Annotated[Path | None, typer.Option("--image", help="Your own image instead of a test image.")]
+
+
+@visualize_app.command("filters")
+@handles_errors
+def visualize_filters(
+    layer: LayerOpt = None,
+    in_channel: Annotated[int | None, typer.Option("--in-channel", help="Show the kernels of this input channel "
+                                                                        "(default: mean |w| when there are many).")]
+    = None,
+    run: RunOpt = None, checkpoint: CheckpointOpt = None, tracking_uri: TrackingOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"), log: LogOpt = True, device: DeviceOpt = "auto",
+) -> None:
+    """A conv layer's weights as a tile grid, each filter normalised (CapsNet's Conv1: 256 9x9 kernels)."""
+    from capsx.inspection import run_filters
+
+    t = _open(run, checkpoint, runs_dir, tracking_uri, None, device, log)
+    run_filters(t, layer=layer, in_channel=in_channel)
+
+
+@visualize_app.command("activations")
+@handles_errors
+def visualize_activations(
+    layer: LayerOpt = None, index: IndexOpt = 0, image: OneImageOpt = None,
+    run: RunOpt = None, checkpoint: CheckpointOpt = None, data_root: DataRootOpt = None,
+    tracking_uri: TrackingOpt = None, runs_dir: RunsDirOpt = Path("runs"), log: LogOpt = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Feature maps of a layer for one input, a tile per channel (dead channels black); for a CapsNet also
+    the length of every primary capsule over its grid."""
+    from capsx.inspection import run_activations
+
+    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
+    run_activations(t, layer=layer, index=index, image=image)
+
+
+@visualize_app.command("routing")
+@handles_errors
+def visualize_routing(
+    index: IndexOpt = 0, image: OneImageOpt = None,
+    run: RunOpt = None, checkpoint: CheckpointOpt = None, data_root: DataRootOpt = None,
+    tracking_uri: TrackingOpt = None, runs_dir: RunsDirOpt = Path("runs"), log: LogOpt = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Coupling coefficients c_ij for one input, per class capsule and routing iteration, and the mean
+    change of the routing logits b_ij per iteration (the paper's appendix diagnostic)."""
+    from capsx.inspection import run_routing
+
+    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
+    run_routing(t, index=index, image=image)
+
+
+@visualize_app.command("saliency")
+@handles_errors
+def visualize_saliency(
+    index: IndexOpt = 0, image: OneImageOpt = None,
+    cls: Annotated[int | None, typer.Option("--class", help="The class to explain (default: the prediction).")]
+    = None,
+    method: Annotated[str, typer.Option("--method", help="integrated-gradients or grad-cam.")]
+    = "integrated-gradients",
+    layer: LayerOpt = None,
+    steps: Annotated[int, typer.Option("--steps", help="Integrated-gradients steps.")] = 32,
+    run: RunOpt = None, checkpoint: CheckpointOpt = None, data_root: DataRootOpt = None,
+    tracking_uri: TrackingOpt = None, runs_dir: RunsDirOpt = Path("runs"), log: LogOpt = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """A heat map of what drives a class: integrated gradients or Grad-CAM (for a CapsNet the class score
+    is the capsule's length)."""
+    from capsx.inspection import run_saliency
+
+    if method not in ("integrated-gradients", "grad-cam"):
+        raise CapsxError(f"--method {method!r}: expected integrated-gradients or grad-cam")
+    if steps < 1:
+        raise CapsxError(f"--steps {steps}: expected at least 1")
+    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
+    run_saliency(t, index=index, image=image, cls=cls, method=method, layer=layer, steps=steps)
+
+
+@visualize_app.command("top-activating")
+@handles_errors
+def visualize_top_activating(
+    layer: LayerOpt = None,
+    channel: Annotated[int, typer.Option("--channel", help="Channel, or capsule type for PrimaryCaps, or class "
+                                                           "capsule for the class capsule layer.")] = 0,
+    k: Annotated[int, typer.Option("--k", help="How many images.")] = 16,
+    limit: Annotated[int, typer.Option("--limit", help="Test images to search.")] = 2000,
+    run: RunOpt = None, checkpoint: CheckpointOpt = None, data_root: DataRootOpt = None,
+    tracking_uri: TrackingOpt = None, runs_dir: RunsDirOpt = Path("runs"), log: LogOpt = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The k test images that drive one channel (or capsule type) most."""
+    from capsx.inspection import run_top_activating
+
+    if k < 1:
+        raise CapsxError(f"--k {k}: expected at least 1")
+    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
+    run_top_activating(t, layer=layer, channel=channel, k=k, limit=limit)
+
+
 # ------------------------------------------------------------------------------------------------- ui
 
 

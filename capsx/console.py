@@ -24,12 +24,21 @@ def print_error(message: str) -> None:
 class ProgressReporter:
     """A Rich progress bar per epoch: loss, accuracy, images/s and ETA; a line of test metrics after it."""
 
+    LOG_LINES_PER_EPOCH = 10  # without a terminal (CI, nohup), a plain line every tenth of an epoch
+
     def __init__(self, out: Console = console) -> None:
         self.console = out
         self.progress: Progress | None = None
         self.task: TaskID | None = None
+        self.plain_every = 0
+        self.plain_done = 0
+        self.plain_label = ""
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+        if not self.console.is_terminal:  # a live bar would only print at the end
+            self.plain_every = max(1, steps // self.LOG_LINES_PER_EPOCH)
+            self.plain_done, self.plain_label = done, f"epoch {epoch + 1}/{epochs} step {{}}/{steps}"
+            return
         self.progress = Progress(
             TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(bar_width=20), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TextColumn("eta"), TimeRemainingColumn(),
@@ -39,13 +48,17 @@ class ProgressReporter:
         self.task = self.progress.add_task("train", total=steps, completed=done, stats="")
 
     def step(self, totals: EpochTotals, lr: float) -> None:
-        assert self.progress is not None and self.task is not None
         stats = f"loss {totals.mean('loss'):.4f} acc {100 * totals.accuracy:.2f}% {totals.images_per_s:.0f} img/s"
+        if self.progress is None:
+            self.plain_done += 1
+            if self.plain_done % self.plain_every == 0:
+                self.console.print(f"  {self.plain_label.format(self.plain_done)}  {stats}  lr {lr:.2e}")
+            return
+        assert self.task is not None
         self.progress.update(self.task, advance=1, stats=stats)
 
     def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        self.close()
         self.console.print(
             f"  test error {100 * metrics['test/error']:.2f}%  test loss {metrics['test/loss']:.4f}  "
             f"train acc {100 * metrics['train/acc']:.2f}%  {metrics['time/images_per_s']:.0f} img/s  "
@@ -55,6 +68,7 @@ class ProgressReporter:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
 
 
 def key_value_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:

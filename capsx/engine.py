@@ -202,6 +202,7 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None) -> FitRe
                 "time/epoch_s": totals.seconds,
                 "time/images_per_s": totals.images_per_s,
                 "time/data_wait_frac": totals.data_seconds / max(1e-9, totals.seconds),
+                **model_diagnostics(model, test_batches.data.images[:DIAGNOSTIC_IMAGES]),
             }
             epoch = state.epoch + 1  # metrics of epoch k are logged at step k
             run.tracker.log_metrics(metrics, step=epoch)
@@ -300,6 +301,18 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Criterion, *, precis
     confusion = confusion_matrix(torch.cat(labels_all), torch.cat(preds_all), len(classes))
     parts = {k: v / max(1, n) for k, v in sums.items() if k != "loss"}
     return EvalResult(loss=sums.get("loss", 0.0) / max(1, n), parts=parts, confusion=confusion, classes=classes)
+
+
+DIAGNOSTIC_IMAGES = 100  # test images a model's own diagnostics (e.g. routing) look at each epoch
+
+
+def model_diagnostics(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Metrics a model reports about itself (`diagnostics(x)`, e.g. CapsNet's routing logit changes)."""
+    diagnose = getattr(model, "diagnostics", None)
+    if not callable(diagnose):
+        return {}
+    with eval_mode(model):
+        return dict(diagnose(images.float() / 255))
 
 
 def _get_rng_state() -> dict[str, Any]:

@@ -97,11 +97,18 @@ class CapsNet(nn.Module):
             layers += [nn.Linear(width, C * H * W), nn.Sigmoid()]
             self.decoder = nn.Sequential(*layers)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Images (B, C, H, W) -> class capsules v (B, K, D)."""
+    def encode(self, x: Tensor, trace: RoutingTrace | None = None) -> Tensor:
+        """Images (B, C, H, W) -> class capsules v (B, K, D); `trace` records the routing."""
         h = F.relu(self.conv1(x))  # (B, 256, 20, 20)
         u = self.primary_caps(h)  # (B, 1152, 8)
-        return self.class_caps(u)  # (B, 10, 16)
+        return self.class_caps(u, trace)  # (B, 10, 16)
+
+    @torch.no_grad()
+    def diagnostics(self, x: Tensor) -> dict[str, float]:
+        """The paper's appendix diagnostic: mean |change| of the routing logits b_ij per iteration."""
+        trace = RoutingTrace()
+        self.encode(x, trace)
+        return {f"routing/delta_b_iter{r + 1}": d for r, d in enumerate(trace.mean_abs_delta_b)}
 
     def reconstruct(self, capsules: Tensor, classes: Tensor) -> Tensor:
         """Decode only the capsule of `classes` (B,) (the others are masked to 0)."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from capsx.models.capsnet import CapsNet
-from capsx.models.routing import routing_reference
+from capsx.models.routing import RoutingTrace, routing_reference
 
 
 def predictions_reference(weight: Tensor, u: Tensor) -> Tensor:
@@ -21,7 +21,8 @@ def predictions_reference(weight: Tensor, u: Tensor) -> Tensor:
 class ReferenceCapsNet(CapsNet):
     """CapsNet whose class capsules are computed by the plain reference path."""
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor, trace: RoutingTrace | None = None) -> Tensor:
+        assert trace is None, "the reference path records no trace"
         u = self.primary_caps(F.relu(self.conv1(x)))  # (B, I, d)
         u_hat = predictions_reference(self.class_caps.weight, u)  # (B, I, J, D)
         return routing_reference(u_hat, self.class_caps.routing_iters)  # (B, J, D)

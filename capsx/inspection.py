@@ -1,0 +1,369 @@
+"""The picture commands' whole job: open a trained run, compute what to show
+(`capsx.pictures`), draw it, save PNGs under the run's directory and log the
+same images to its MLflow run with stable keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from capsx.checkpoint import load_checkpoint
+from capsx.console import console
+from capsx.data import ImageSet, resolve_data_root
+from capsx.data.user_image import load_user_image
+from capsx.device import resolve_device
+from capsx.engine import load_model
+from capsx.errors import CapsxError
+from capsx.pictures import canvas, capsules, inside
+from capsx.recipe import Recipe
+from capsx.runs import read_run_info, resolve_checkpoint
+from capsx.tracking import Tracker, resolve_tracking_uri
+
+
+@dataclass
+class Trained:
+    """A trained model opened for pictures, and where its pictures go."""
+
+    recipe: Recipe
+    model: nn.Module
+    checkpoint: Path
+    run_id: str | None
+    epoch: int
+    out_dir: Path
+    data_root: Path
+    tracker: Tracker | None = None
+    written: list[Path] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.recipe.data.classes
+
+    def test_set(self, limit: int | None = None) -> ImageSet:
+        test = self.recipe.data.load_splits(self.data_root).test
+        if limit is not None and limit < len(test):
+            test = ImageSet(test.images[:limit], test.labels[:limit],
+                            {k: v[:limit] for k, v in test.extras.items()})
+        return test
+
+    def inputs(self, images: Tensor) -> Tensor:
+        device = next(self.model.parameters()).device
+        return images.to(device).float() / 255 if images.dtype == torch.uint8 else images.to(device)
+
+    def user_image(self, path: Path) -> Tensor:
+        return self.inputs(load_user_image(path, self.recipe.data.input_shape))
+
+    def publish(self, image: np.ndarray, name: str, key: str, step: int = 0) -> Path:
+        path = canvas.save_png(image, self.out_dir / name)
+        self.written.append(path)
+        if self.tracker is not None:
+            self.tracker.log_image(image, key=key, step=step)
+        return path
+
+    def report(self) -> None:
+        for path in self.written:
+            console.print(f"  wrote {path}", soft_wrap=True)
+        if self.tracker is not None and self.written:
+            console.print(f"  logged {len(self.written)} image(s) to run {self.run_id}", soft_wrap=True)
+
+
+def open_trained(run: str | None, checkpoint: Path | None, *, runs_dir: Path, tracking_uri: str | None,
+                 data_root: Path | None, device_name: str, log: bool) -> Trained:
+    if run is not None and checkpoint is not None:
+        raise CapsxError("give --run or --checkpoint, not both")
+    ref = str(checkpoint) if checkpoint is not None else (run or "latest")
+    ckpt = resolve_checkpoint(ref, runs_dir, tracking_uri, which="best")
+    payload = load_checkpoint(ckpt)
+    recipe, model = load_model(payload, resolve_device(device_name))
+    model.eval()
+    run_id = payload.get("run_id")
+    run_dir = ckpt.parent.parent
+    in_run_dir = (run_dir / "run.json").is_file()
+    out_dir = run_dir / "pictures" if in_run_dir else runs_dir / "_pictures" / (run_id or ckpt.stem)
+    tracker = None
+    if log and run_id:
+        uri = tracking_uri or (read_run_info(run_dir).tracking_uri if in_run_dir else resolve_tracking_uri(None, None))
+        if uri is not None:
+            tracker = Tracker.attach(uri, run_id)
+    root = resolve_data_root(str(data_root) if data_root else None, getattr(recipe.data, "root", None))
+    epoch = int(payload.get("state", {}).get("epoch", 0))
+    return Trained(recipe, model, ckpt, run_id, epoch, out_dir, root, tracker)
+
+
+def _digits(values: Tensor) -> list[str]:
+    return [f"{v if abs(v) > 1e-9 else 0.0:+.2f}" for v in values.tolist()]
+
+
+def _sources(t: Trained, image: list[Path] | None, cls: int | None, samples: int | None,
+             default_per_class: bool) -> tuple[Tensor, Tensor | None, list[str]]:
+    """Inputs to show: the user's images, or test images (of one class, the first N, or one per class).
+    Returns (images, labels or None, names)."""
+    if image:
+        xs = torch.cat([t.user_image(p) for p in image])
+        return xs, None, [p.name for p in image]
+    n_classes = len(t.classes)
+    if cls is not None and not 0 <= cls < n_classes:
+        raise CapsxError(f"--class {cls}: out of range; this model has {n_classes} classes (0..{n_classes - 1})")
+    test = t.test_set()
+    if cls is not None:
+        idx = (test.labels == cls).nonzero().flatten()[: samples or 1]
+    elif samples is not None:
+        idx = torch.arange(min(samples, len(test)))
+    elif default_per_class:
+        idx = torch.stack([(test.labels == k).nonzero().flatten()[0] for k in range(n_classes)
+                           if (test.labels == k).any()])
+    else:
+        idx = torch.arange(1)
+    return t.inputs(test.images[idx]), test.labels[idx], [f"test #{i}" for i in idx.tolist()]
+
+
+# --------------------------------------------------------------------------------------------- perturb
+
+
+def run_perturb(t: Trained, *, dims: list[int] | None, value_range: tuple[float, float], steps: int,
+                cls: int | None, samples: int | None, image: list[Path] | None, class_mean: bool) -> None:
+    """The paper's Fig. 4: decode the winning capsule with one dimension tweaked at a time."""
+    model = capsules.require_decoder(t.model, "perturb")
+    deltas = capsules.perturbation_values(*value_range, steps)
+    D = model.class_caps.weight.shape[2]
+    all_dims = dims is None
+    dims = list(range(D)) if dims is None else dims
+    if class_mean:
+        test = t.test_set()
+        caps, preds = capsules.class_capsules(model, t.inputs(test.images))
+        wanted = [cls] if cls is not None else list(range(len(t.classes)))
+        vectors = [capsules.class_mean_capsule(caps, preds, test.labels.to(preds.device), k) for k in wanted]
+        sources = list(zip(wanted, vectors, [f"class {t.classes[k]} mean" for k in wanted], strict=True))
+        stem, key_kind = "mean", "_mean"
+    else:
+        xs, labels, names = _sources(t, image, cls, samples, default_per_class=not all_dims or cls is None)
+        out = model(xs)
+        sources = [(int(k), v[int(k)], name) for k, v, name in zip(out.prediction, out.capsules, names, strict=True)]
+        stem, key_kind = "sample", ""
+    cols = len(deltas)
+    col_labels = _digits(deltas)
+    if len(dims) == 1:  # one grid: a row per source
+        rows = [capsules.perturb_capsule(model, v, k, dims, deltas)[0] for k, v, _ in sources]
+        tiles = canvas.to_uint8(torch.cat(rows))
+        img = canvas.grid(list(tiles), cols, scale=2)
+        img = canvas.label_grid(img, len(rows), cols, [f"{n} ({t.classes[k]})" for k, _, n in sources], col_labels)
+        img = canvas.caption_above(img, [f"dimension {dims[0]} of the winning class capsule, shifted by each value"])
+        name = f"perturb_dim{dims[0]}{'_mean' if class_mean else ''}.png"
+        t.publish(img, name, key=f"perturb/dim{dims[0]}{key_kind}")
+    else:  # one grid per source: a row per dimension
+        per_class_count: dict[int, int] = {}
+        for k, v, name in sources:
+            pics = capsules.perturb_capsule(model, v, k, dims, deltas)  # (dims, cols, C, H, W)
+            img = canvas.grid(list(canvas.to_uint8(pics.flatten(0, 1))), cols, scale=2)
+            img = canvas.label_grid(img, len(dims), cols, [f"dim {d}" for d in dims], col_labels)
+            img = canvas.caption_above(img, [f"{name}: class {t.classes[k]} capsule, one dimension per row"])
+            step = per_class_count.get(k, 0)
+            per_class_count[k] = step + 1
+            t.publish(img, f"perturb_{stem}_class{k}_{step}.png", key=f"perturb/class{k}{key_kind}", step=step)
+    t.report()
+
+
+# ----------------------------------------------------------------------------------------- reconstruct
+
+
+def run_reconstruct(t: Trained, *, count: int, misclassified: int, force_class: int | None,
+                    image: list[Path] | None, error_images: int) -> float:
+    """The paper's Fig. 3: inputs above their reconstructions; a strip of mistakes; the mean error."""
+    model = capsules.require_decoder(t.model, "reconstruct")
+    n_classes = len(t.classes)
+    if force_class is not None and not 0 <= force_class < n_classes:
+        raise CapsxError(f"--force-class {force_class}: out of range; this model has {n_classes} classes")
+
+    def panel(xs: Tensor, labels: Tensor | None, title: str, name: str, key: str, as_label: bool = False) -> None:
+        forced = None
+        if force_class is not None:
+            forced = torch.full((len(xs),), force_class, device=xs.device)
+        elif as_label and labels is not None:
+            forced = labels.to(xs.device)
+        recon, preds, _ = capsules.reconstruct_as(model, xs, forced)
+        cols = len(xs)
+        tiles = list(canvas.to_uint8(xs)) + list(canvas.to_uint8(recon))
+        wrong = [labels is not None and int(p) != int(lb) for p, lb in
+                 zip(preds, labels if labels is not None else preds, strict=True)]
+        img = canvas.grid(tiles, cols, scale=2, marked=wrong + wrong)
+        cells, colors = [], []
+        for j in range(cols):
+            p = t.classes[int(preds[j])]
+            lab = t.classes[int(labels[j])] if labels is not None else "?"
+            r = t.classes[force_class] if force_class is not None else (lab if as_label else p)
+            cells.append(f"L:{lab} P:{p}" + ("*" if wrong[j] else ""))
+            colors.append(canvas.RED if wrong[j] else (0, 0, 0))
+        for j in range(cols):
+            r = (t.classes[force_class] if force_class is not None else
+                 (t.classes[int(labels[j])] if as_label and labels is not None else t.classes[int(preds[j])]))
+            cells.append(("P:" if force_class is not None else "R:") + r)
+            colors.append((0, 0, 0))
+        img = canvas.label_grid(img, 2, cols, ["input", "decoded"], None, cell_labels=cells, label_colors=colors)
+        t.publish(canvas.caption_above(img, [title]), name, key=key)
+
+    suffix = f"_as{force_class}" if force_class is not None else ""
+    if image:
+        xs = torch.cat([t.user_image(p) for p in image])
+        panel(xs, None, "your images and their reconstructions (R: decoded class)", f"recon_images{suffix}.png",
+              "recon/images")
+        t.report()
+        return float("nan")
+    test = t.test_set()
+    n = min(count, len(test))
+    panel(t.inputs(test.images[:n]), test.labels[:n],
+          "test images (L: label, P: prediction, * wrong) above their reconstructions"
+          + (f" from the class-{t.classes[force_class]} capsule" if force_class is not None else ""),
+          f"recon_test{suffix}.png", "recon/test" + suffix)
+    # The error over the first `error_images` test images, and the mistakes among them.
+    m = min(error_images, len(test))
+    xs_all, labels_all = t.inputs(test.images[:m]), test.labels[:m]
+    sse_sum, wrong_idx = 0.0, []
+    for i in range(0, m, 500):
+        _, preds, sse = capsules.reconstruct_as(model, xs_all[i:i + 500])
+        sse_sum += float(sse.sum())
+        wrong_idx += (i + (preds.cpu() != labels_all[i:i + 500]).nonzero().flatten()).tolist()
+    mean_sse = sse_sum / max(1, m)
+    if misclassified > 0 and wrong_idx and force_class is None:
+        idx = torch.tensor(wrong_idx[:misclassified])
+        panel(xs_all[idx], labels_all[idx], "misclassified: decoded as predicted (top) ...", "recon_wrong_pred.png",
+              "recon/misclassified")
+        panel(xs_all[idx], labels_all[idx], "... and decoded from the true label's capsule",
+              "recon_wrong_label.png", "recon/misclassified_as_label", as_label=True)
+    if t.tracker is not None:
+        t.tracker.log_metrics({"recon/mean_sse": mean_sse, "recon/errors_in_sample": float(len(wrong_idx))},
+                              step=t.epoch)
+    console.print(f"mean reconstruction error (sum of squared pixel errors per image) over {m} test images: "
+                  f"{mean_sse:.3f}; {len(wrong_idx)} of them misclassified", soft_wrap=True)
+    t.report()
+    return mean_sse
+
+
+# ------------------------------------------------------------------------------------------- visualize
+
+
+def run_filters(t: Trained, *, layer: str | None, in_channel: int | None) -> None:
+    name, conv = inside.get_layer(t.model, layer, "conv layer", convs_only=True)
+    assert isinstance(conv, nn.Conv2d)
+    kernels = inside.filter_images(conv, in_channel)
+    tiles = canvas.to_uint8(kernels, per_image=True)
+    cols = int(np.ceil(np.sqrt(len(tiles))))
+    scale = max(1, 48 // max(kernels.shape[-1], 1))
+    img = canvas.grid(list(tiles), cols, scale=scale)
+    how = (f"input channel {in_channel}" if in_channel is not None else
+           "mean |w| over input channels" if conv.in_channels not in (1, 3) else "each filter normalised")
+    img = canvas.caption_above(img, [f"{name}: {conv.out_channels} filters of {conv.kernel_size[0]}x"
+                                     f"{conv.kernel_size[1]} ({how})"])
+    t.publish(img, f"filters_{name}.png", key=f"filters/{name}")
+    t.report()
+
+
+def _one_input(t: Trained, index: int, image: Path | None) -> tuple[Tensor, str, int | None]:
+    if image is not None:
+        return t.user_image(image), image.name, None
+    test = t.test_set()
+    if not 0 <= index < len(test):
+        raise CapsxError(f"--index {index}: out of range; the test split has {len(test)} images")
+    return t.inputs(test.images[index:index + 1]), f"test #{index}", int(test.labels[index])
+
+
+def run_activations(t: Trained, *, layer: str | None, index: int, image: Path | None) -> None:
+    x, what, _ = _one_input(t, index, image)
+    name, module = inside.get_layer(t.model, layer)
+    out = inside.layer_output(t.model, module, x)[0]
+    if out.dim() == 3:
+        fmap = out / out.max().clamp(min=1e-12)  # one scale for the layer: dead channels stay black
+        tiles = canvas.to_uint8(fmap)
+        cols = int(np.ceil(np.sqrt(len(tiles))))
+        img = canvas.grid(list(tiles), cols, scale=max(1, 56 // max(out.shape[-1], 1)))
+        dead = int((out.flatten(1).amax(dim=1) <= 0).sum())
+        img = canvas.caption_above(img, [f"{name} on {what}: {out.shape[0]} channels "
+                                         f"({dead} dead: black), one scale for all"])
+        t.publish(img, f"activations_{name}.png", key=f"activations/{name}")
+    else:
+        console.print(f"[dim]{name} outputs {tuple(out.shape)}, not feature maps; see the capsule lengths[/]")
+    if hasattr(t.model, "primary_grid"):
+        lengths = inside.primary_capsule_lengths(t.model, x)  # (types, gh, gw), already in [0, 1)
+        img = canvas.grid([canvas.heat(m) for m in lengths.cpu().numpy()], int(np.ceil(np.sqrt(len(lengths)))),
+                          scale=8)
+        img = canvas.caption_above(img, [f"primary capsule lengths on {what}: {lengths.shape[0]} types over "
+                                         f"the {lengths.shape[1]}x{lengths.shape[2]} grid (black 0, white 1)"])
+        t.publish(img, "activations_primary_lengths.png", key="activations/primary_lengths")
+    t.report()
+
+
+def run_routing(t: Trained, *, index: int, image: Path | None) -> list[float]:
+    x, what, _ = _one_input(t, index, image)
+    maps, delta_b = inside.routing_maps(t.model, x)  # (iters, J, types, gh, gw)
+    # Weight each primary capsule type by its length: short (inactive) capsules keep c near 1/J
+    # and would wash the picture out.
+    lengths = inside.primary_capsule_lengths(t.model, x)  # (types, gh, gw)
+    weighted = (maps * lengths).sum(dim=2) / lengths.sum(dim=0).clamp(min=1e-12)  # (iters, J, gh, gw)
+    iters, J = weighted.shape[:2]
+    lo, hi = float(weighted.min()), float(weighted.max())  # stretched: couplings often stay near 1/J
+    tiles = [canvas.heat(((m - lo) / max(hi - lo, 1e-12)).cpu().numpy()) for m in weighted.flatten(0, 1)]
+    img = canvas.grid(tiles, J, scale=10)
+    img = canvas.label_grid(img, iters, J, [f"iteration {r + 1}" for r in range(iters)], t.classes)
+    pred = int(t.model(x).prediction[0])
+    img = canvas.caption_above(img, [f"coupling coefficients c_ij on {what} (predicted {t.classes[pred]}): at each "
+                                     "grid position, the mean over capsule types weighted by |u_i|",
+                                     f"colour scale {lo:.3f} (black) .. {hi:.3f} (white); uniform is {1 / J:.3f}",
+                                     "mean |delta b_ij| per iteration: " + ", ".join(f"{d:.4f}" for d in delta_b)])
+    t.publish(img, "routing_couplings.png", key="routing/couplings")
+    if t.tracker is not None:
+        t.tracker.log_metrics({f"routing/inspect_delta_b_iter{r + 1}": d for r, d in enumerate(delta_b)},
+                              step=t.epoch)
+    console.print("mean |delta b_ij| per routing iteration: " + ", ".join(f"{d:.5f}" for d in delta_b))
+    t.report()
+    return delta_b
+
+
+def run_saliency(t: Trained, *, index: int, image: Path | None, cls: int | None, method: str,
+                 layer: str | None, steps: int) -> None:
+    x, what, label = _one_input(t, index, image)
+    with torch.no_grad():
+        pred = int(t.model(x).prediction[0])
+    target = pred if cls is None else cls
+    if not 0 <= target < len(t.classes):
+        raise CapsxError(f"--class {target}: out of range; this model has {len(t.classes)} classes")
+    if method == "integrated-gradients":
+        attr = inside.integrated_gradients(t.model, x, target, steps=steps).sum(dim=0)  # (H, W)
+        pos = attr.clamp(min=0)
+        heat = pos / pos.max().clamp(min=1e-12)
+        note = f"integrated gradients ({steps} steps, black baseline), positive part"
+    else:
+        name, module = inside.get_layer(t.model, layer)
+        heat = inside.grad_cam(t.model, module, x, target)
+        note = f"Grad-CAM at {name}"
+    base = canvas.to_uint8(x)[0]
+    base_rgb = np.repeat(base[..., None], 3, -1) if base.ndim == 2 else base
+    overlay = (0.5 * base_rgb + 0.5 * canvas.heat(heat.cpu().numpy())).astype(np.uint8)
+    img = canvas.grid([base_rgb, canvas.heat(heat.cpu().numpy()), overlay], 3, scale=6)
+    img = canvas.label_grid(img, 1, 3, None, ["input", "saliency", "overlay"])
+    score = "capsule length" if hasattr(t.model, "primary_grid") else "logit"
+    img = canvas.caption_above(img, [f"what drives class {t.classes[target]} ({score}) on {what}"
+                                     + (f", label {t.classes[label]}" if label is not None else "")
+                                     + f", predicted {t.classes[pred]}", note])
+    t.publish(img, f"saliency_{method}_class{target}.png", key=f"saliency/class{target}")
+    t.report()
+
+
+def run_top_activating(t: Trained, *, layer: str | None, channel: int, k: int, limit: int) -> None:
+    name, module = inside.get_layer(t.model, layer)
+    test = t.test_set(limit)
+    scores = inside.unit_scores(t.model, module, t.inputs(test.images), channel)
+    top = scores.topk(min(k, len(scores)))
+    idx = top.indices.cpu()
+    tiles = canvas.to_uint8(t.inputs(test.images[idx]))
+    cols = min(len(idx), 8)
+    img = canvas.grid(list(tiles), cols, scale=2)
+    rows = -(-len(idx) // cols)
+    img = canvas.label_grid(img, rows, cols, None, None,
+                            cell_labels=[f"#{i} {v:.2f}" for i, v in zip(idx.tolist(), top.values.tolist(),
+                                                                          strict=True)])
+    img = canvas.caption_above(img, [f"the {len(idx)} of {len(test)} test images that drive {name} "
+                                     f"unit {channel} most (score under each)"])
+    t.publish(img, f"top_{name}_{channel}.png", key=f"top_activating/{name}_{channel}")
+    t.report()

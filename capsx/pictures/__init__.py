@@ -1,0 +1,1 @@
+"""Pictures of what models learned: arrays and tensors, no side effects."""

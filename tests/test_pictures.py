@@ -1,0 +1,211 @@
+"""Picture maths (perturbation, integrated gradients, Grad-CAM, user images) and the picture
+commands end to end on a tiny trained run."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from capsx.cli import app
+from capsx.data.user_image import load_user_image
+from capsx.errors import CapsxError
+from capsx.models import MODELS, build_model
+from capsx.pictures import canvas, capsules, inside
+from tests.conftest import TINY_CAPSNET, tiny_recipe
+
+runner = CliRunner()
+
+
+def _capsnet(decoder: bool = True):
+    torch.manual_seed(0)
+    kw = {k: v for k, v in TINY_CAPSNET.items() if k != "name"}
+    return build_model(MODELS.get("capsnet")(**kw, decoder=decoder), (1, 28, 28), 10).eval()
+
+
+def test_perturbation_changes_only_the_chosen_dimension():
+    model = _capsnet()
+    v = torch.randn(8) * 0.3
+    deltas = capsules.perturbation_values(-0.25, 0.25, 11)
+    assert torch.allclose(deltas, torch.arange(-5, 6) * 0.05, atol=1e-6)
+    pics = capsules.perturb_capsule(model, v, 3, [0, 5], deltas)
+    assert pics.shape == (2, 11, 1, 28, 28)
+    # the middle column is the unperturbed capsule, decoded as training decodes it
+    caps = torch.zeros(1, 10, 8)
+    caps[0, 3] = v
+    plain = model.reconstruct(caps, torch.tensor([3]))[0]
+    assert torch.allclose(pics[0, 5], plain, atol=1e-6) and torch.allclose(pics[1, 5], plain, atol=1e-6)
+    # by hand: column 0 of row 1 decodes v with dimension 5 lowered by 0.25
+    caps[0, 3, 5] -= 0.25
+    assert torch.allclose(pics[1, 0], model.reconstruct(caps, torch.tensor([3]))[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda m: capsules.perturb_capsule(m, torch.zeros(8), 0, [8], torch.zeros(3)), "out of range"),
+    (lambda m: capsules.perturbation_values(0.2, -0.2, 5), "START < STOP"),
+    (lambda m: capsules.perturbation_values(-0.2, 0.2, 1), "at least 2"),
+])
+def test_perturbation_errors(call, msg):
+    with pytest.raises(CapsxError, match=msg):
+        call(_capsnet())
+
+
+def test_pictures_that_need_a_decoder_or_capsules_refuse_other_models():
+    with pytest.raises(CapsxError, match="needs a decoder"):
+        capsules.require_decoder(_capsnet(decoder=False), "perturb")
+    cnn = build_model(MODELS.get("convnet_small")(channels=[4, 8], hidden=[16]), (1, 28, 28), 10)
+    with pytest.raises(CapsxError, match="needs a capsule model"):
+        capsules.require_decoder(cnn, "perturb")
+
+
+def test_integrated_gradients_are_complete():
+    # Completeness: the attributions add up to score(x) - score(baseline).
+    model = build_model(MODELS.get("convnet_small")(channels=[4, 8], hidden=[16], activation="swish"),
+                        (1, 28, 28), 10).eval().double()
+    x = torch.rand(1, 1, 28, 28, dtype=torch.double)
+    attr = inside.integrated_gradients(model, x, cls=4, steps=256)
+    with torch.no_grad():
+        gap = model(x).scores[0, 4] - model(torch.zeros_like(x)).scores[0, 4]
+    assert attr.shape == (1, 28, 28)
+    assert float(attr.sum()) == pytest.approx(float(gap), rel=2e-3, abs=1e-6)
+
+
+def test_grad_cam_by_hand():
+    model = _capsnet()
+    x = torch.rand(1, 1, 28, 28)
+    cam = inside.grad_cam(model, model.conv1, x, cls=2)
+    assert cam.shape == (28, 28) and cam.min() >= 0 and cam.max() <= 1
+    # by hand at conv1's resolution; Grad-CAM hooks conv1's output, before the ReLU
+    pre = model.conv1(x).detach().requires_grad_(True)
+    score = model.class_caps(model.primary_caps(torch.relu(pre))).norm(dim=-1)[0, 2]
+    (g,) = torch.autograd.grad(score, pre)
+    manual = torch.relu((g.mean(dim=(2, 3), keepdim=True) * pre).sum(1, keepdim=True))
+    manual = torch.nn.functional.interpolate(manual, size=(28, 28), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.allclose(cam, manual / manual.max(), atol=1e-5)
+
+
+def test_routing_maps_and_primary_lengths():
+    model = _capsnet()
+    x = torch.rand(1, 1, 28, 28)
+    maps, delta_b = inside.routing_maps(model, x)
+    types, gh, gw = model.primary_grid
+    assert maps.shape == (3, 10, types, gh, gw) and len(delta_b) == 3
+    assert torch.allclose(maps.sum(dim=1), torch.ones(3, types, gh, gw), atol=1e-5)  # c sums to 1 over parents
+    lengths = inside.primary_capsule_lengths(model, x)
+    assert lengths.shape == (types, gh, gw) and (lengths < 1).all()
+
+
+def test_unit_scores_pick_the_brightest_images_for_a_bias_free_positive_filter():
+    model = _capsnet()
+    with torch.no_grad():
+        model.conv1.weight.fill_(1.0)
+        model.conv1.bias.zero_()
+    images = torch.ones(20, 1, 28, 28) * torch.linspace(0.1, 1, 20).view(20, 1, 1, 1)
+    scores = inside.unit_scores(model, model.conv1, images, channel=0)
+    assert scores.argmax() == 19 and scores.argmin() == 0
+    caps_scores = inside.unit_scores(model, model.primary_caps, images, channel=1)
+    assert caps_scores.shape == (20,) and (caps_scores < 1).all()
+
+
+def test_user_image_is_inverted_scaled_and_centred(tmp_path):
+    page = np.full((200, 120), 255, np.uint8)  # black ink on a white page, off centre
+    page[20:120, 10:40] = 0
+    Image.fromarray(page).save(tmp_path / "digit.png")
+    x = load_user_image(tmp_path / "digit.png", (1, 28, 28))
+    assert x.shape == (1, 1, 28, 28) and x.min() >= 0 and x.max() <= 1
+    ink = x[0, 0] > 0.5
+    ys, xs = ink.nonzero(as_tuple=True)
+    assert ys.max() - ys.min() + 1 == 20  # the longer side fills 20 of 28 pixels, as MNIST's digits do
+    cy = (x[0, 0] * torch.arange(28.0).view(28, 1)).sum() / x[0, 0].sum()
+    cx = (x[0, 0] * torch.arange(28.0).view(1, 28)).sum() / x[0, 0].sum()
+    assert abs(cy - 13.5) < 1 and abs(cx - 13.5) < 1  # centred by mass
+    (tmp_path / "blank.png").write_bytes(b"")
+    with pytest.raises(CapsxError, match="not an image"):
+        load_user_image(tmp_path / "blank.png", (1, 28, 28))
+    Image.fromarray(np.zeros((30, 30), np.uint8)).save(tmp_path / "black.png")
+    with pytest.raises(CapsxError, match="no ink"):
+        load_user_image(tmp_path / "black.png", (1, 28, 28))
+
+
+def test_grid_layout_and_marks():
+    tiles = [np.full((2, 3), v, np.uint8) for v in (0, 100, 200)]
+    g = canvas.grid(tiles, cols=2, scale=2, pad=1, marked=[False, True, False])
+    assert g.shape == (2 * (4 + 2), 2 * (6 + 2), 3)
+    assert (g[1:5, 1:7] == 0).all() and (g[1:5, 9:15] == 100).all()
+    assert tuple(g[0, 8]) == canvas.RED and tuple(g[0, 0]) == (canvas.BACKGROUND,) * 3
+    assert (canvas.heat(np.array([0.0, 1.0])) == [[0, 0, 0], [255, 255, 255]]).all()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny CapsNet trained for one epoch on `shapes`, tracked in a real SQLite store."""
+    work = tmp_path_factory.mktemp("pictures")
+    recipe = work / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe()))
+    old = Path.cwd()
+    import os
+
+    os.chdir(work)
+    try:
+        assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    finally:
+        os.chdir(old)
+    return work
+
+
+@pytest.mark.parametrize("args,files,keys", [
+    (["perturb", "--class", "2"], ["perturb_sample_class*_0.png"], ["perturb/class"]),
+    (["perturb", "--dim", "3", "--samples", "4", "--range=-0.3:0.3", "--steps", "13"], ["perturb_dim3.png"],
+     ["perturb/dim3"]),
+    (["perturb", "--dims", "0,2", "--class-mean", "--class", "1"], ["perturb_mean_class1_0.png"],
+     ["perturb/class1_mean"]),
+    (["reconstruct", "--count", "6", "--error-images", "32"], ["recon_test.png"], ["recon/test"]),
+    (["reconstruct", "--force-class", "4", "--count", "4"], ["recon_test_as4.png"], ["recon/test_as4"]),
+    (["visualize", "filters"], ["filters_conv1.png"], ["filters/conv1"]),
+    (["visualize", "activations", "--index", "2"], ["activations_conv1.png", "activations_primary_lengths.png"],
+     ["activations/conv1", "activations/primary_lengths"]),
+    (["visualize", "routing", "--index", "1"], ["routing_couplings.png"], ["routing/couplings"]),
+    (["visualize", "saliency", "--method", "grad-cam"], ["saliency_grad-cam_class*.png"], ["saliency/class"]),
+    (["visualize", "saliency", "--steps", "8"], ["saliency_integrated-gradients_class*.png"], ["saliency/class"]),
+    (["visualize", "top-activating", "--layer", "primary_caps", "--channel", "2", "--k", "5"],
+     ["top_primary_caps_2.png"], ["top_activating/primary_caps_2"]),
+])
+def test_picture_commands_write_pngs_and_log_images(trained, monkeypatch, args, files, keys):
+    monkeypatch.chdir(trained)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    pictures = next(trained.glob("runs/tiny/*/pictures"))
+    for pattern in files:
+        found = list(pictures.glob(pattern))
+        assert found, (pattern, sorted(p.name for p in pictures.iterdir()))
+        assert Image.open(found[0]).size[0] > 28
+    client = MlflowClient(f"sqlite:///{trained}/runs/mlflow.db")
+    run_id = pictures.parent.name
+    logged = [a.path for a in client.list_artifacts(run_id, "images")]
+    for key in keys:
+        assert any(f"images/{key.replace('/', '~')}" in p for p in logged), (key, logged)  # MLflow writes / as ~
+
+
+@pytest.mark.parametrize("args,words", [
+    (["perturb", "--dim", "99"], ["--dim 99", "out of range", "8 dimensions"]),
+    (["perturb", "--dim", "1", "--dims", "all"], ["not both"]),
+    (["perturb", "--range", "x"], ["--range", "START:STOP"]),
+    (["perturb", "--class", "42"], ["--class 42", "out of range"]),
+    (["reconstruct", "--force-class", "11"], ["--force-class 11"]),
+    (["visualize", "filters", "--layer", "nope"], ["--layer 'nope'", "conv1"]),
+    (["visualize", "activations", "--index", "5000"], ["--index 5000", "out of range"]),
+    (["visualize", "saliency", "--method", "shap"], ["--method", "grad-cam"]),
+    (["perturb", "--run", "latest", "--checkpoint", "x.pt"], ["not both"]),
+    (["perturb", "--image", "missing.png"], ["missing.png", "not found"]),
+])
+def test_picture_commands_bad_input(trained, monkeypatch, args, words):
+    monkeypatch.chdir(trained)
+    res = runner.invoke(app, [*args, "--no-log"] if args[0] != "visualize" else [*args, "--no-log"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error:") and len(res.output.strip().splitlines()) == 1, res.output
+    for w in words:
+        assert w in res.output, (w, res.output)
