@@ -116,3 +116,29 @@ def test_real_mnist_counts():
     assert len(splits.train) == 60_000 and len(splits.test) == 10_000
     assert splits.train.labels[:5].tolist() == [5, 0, 4, 1, 9]
     assert torch.bincount(splits.test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_small_cnn_learns_real_mnist(tmp_path):
+    root = real_mnist_root()
+    if root is None:
+        pytest.skip("real MNIST not found: set CAPSX_DATA to a folder holding MNIST/raw/")
+    from capsx.device import resolve_device
+    from capsx.engine import QuietReporter, Run, fit
+    from capsx.recipe import recipe_from_dict
+
+    class NoTracking:
+        run_id = "local"
+
+        def log_metrics(self, metrics, step): ...
+        def log_params(self, params): ...
+
+    recipe = recipe_from_dict({
+        "name": "real", "device": "cpu",
+        "model": {"name": "convnet_small", "channels": [16, 32], "hidden": [128]},
+        "data": {"name": "mnist", "subset": 3000, "test_subset": 1000, "batch_size": 50},
+        "train": {"epochs": 3}, "optimizer": {"lr": 2e-3}, "schedule": {"name": "cosine"},
+    }, "real")
+    (tmp_path / "checkpoints").mkdir()
+    result = fit(recipe, Run(resolve_device("cpu"), root, tmp_path, NoTracking(), QuietReporter()))
+    assert result.final is not None and result.final.images == 1000
+    assert result.final.accuracy > 0.90
