@@ -189,6 +189,21 @@ def summary(
     console.print(key_value_table("totals", rows))
 
 
+@app.command()
+@handles_errors
+def sync(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/<experiment>/<run id>.")],
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Send the tracking calls a run kept while its MLflow store was unreachable."""
+    from capsx.errors import RunError
+    from capsx.experiment import sync_run
+
+    left = sync_run(run_dir, tracking_uri)
+    if left:
+        raise RunError(f"the tracking store still does not answer; {left} call(s) left in {run_dir}")
+
+
 # ------------------------------------------------------------------------------------ pictures (shared)
 
 RunOpt = Annotated[str | None, typer.Option("--run", help="A run id or 'latest' (default: latest).")]

@@ -21,7 +21,7 @@ from capsx.console import ProgressReporter, confusion_table, console, key_value_
 from capsx.data import Batches, resolve_data_root
 from capsx.device import describe_device, resolve_device
 from capsx.engine import FitResult, Interrupted, Run, evaluate, fit, load_model
-from capsx.errors import RunError
+from capsx.errors import CapsxError, RunError
 from capsx.metrics import EvalResult
 from capsx.recipe import Recipe
 from capsx.runs import RunInfo, make_run_dir, read_run_info, resolve_checkpoint
@@ -41,8 +41,8 @@ def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tr
         run_dir = resume_dir
         info = read_run_info(run_dir) if (run_dir / "run.json").is_file() else None
         uri = tracking_uri or (info.tracking_uri if info else None)
-        tracker = Tracker.attach(uri, resume["run_id"], reopen=True) if (uri and track) else NullTracker(
-            resume["run_id"])
+        tracker = (Tracker.attach(uri, resume["run_id"], reopen=True, buffer_dir=run_dir) if (uri and track)
+                   else NullTracker(resume["run_id"]))
     else:
         uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri)
         if track:
@@ -50,12 +50,16 @@ def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tr
         else:
             tracker = NullTracker(uuid.uuid4().hex)
         run_dir = make_run_dir(runs_dir, experiment, tracker.run_id)
+        if isinstance(tracker, Tracker):
+            tracker.buffer_dir = run_dir  # from here on, an unreachable store buffers instead of failing
         RunInfo(tracker.run_id, experiment, recipe_path, uri if track else None, time.time()).save(run_dir)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         tracker.set_tags({"capsx.run_dir": str(run_dir.resolve())})
         tracker.log_params(recipe.to_dict())
         tracker.log_text(recipe.to_yaml(), "recipe.yaml")
 
+    if isinstance(tracker, Tracker):
+        tracker.notify = lambda message: console.print(f"[yellow]{message}[/]", soft_wrap=True)
     verb = "resuming" if resume is not None else "training"
     console.print(f"[bold]{verb}[/] {recipe.name}: {recipe.model.name} on {recipe.data.name}, "
                   f"{describe_device(device)}", soft_wrap=True)
@@ -68,27 +72,52 @@ def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tr
     except Interrupted as stop:
         reporter.close()
         name = signal.Signals(stop.signum).name
-        tracker.end("KILLED", note=f"interrupted by {name} at step {stop.state.global_step}; "
-                                   f"checkpoint {stop.checkpoint}")
+        _end(tracker, run_dir, "KILLED", note=f"interrupted by {name} at step {stop.state.global_step}; "
+                                              f"checkpoint {stop.checkpoint}")
         console.print(f"[yellow]interrupted[/] by {name} at epoch {stop.state.epoch + 1}, step "
                       f"{stop.state.global_step}; saved {stop.checkpoint}")
         console.print(f"  continue with: capsx train --resume {tracker.run_id}")
         return 128 + stop.signum
     except RunError as e:
         reporter.close()
-        tracker.end("FAILED", note=str(e))
+        _end(tracker, run_dir, "FAILED", note=str(e))
         raise
     except BaseException:
         reporter.close()
-        tracker.end("FAILED")
+        _end(tracker, run_dir, "FAILED")
         raise
     if result.best_checkpoint is not None:
         tracker.log_artifact(result.best_checkpoint, "checkpoints")
     if result.final is not None:
         tracker.log_dict(_confusion_dict(result.final), "test/confusion_matrix.json")
-    tracker.end("FINISHED")
+    _end(tracker, run_dir, "FINISHED")
     _print_fit_summary(recipe, result, tracker.run_id, run_dir)
     return 0
+
+
+def _end(tracker: Tracker | NullTracker, run_dir: Path, status: str, note: str | None = None) -> None:
+    left = tracker.end(status, note=note)
+    if left:
+        console.print(f"[yellow]the tracking store did not take {left} call(s); they are kept in {run_dir}; "
+                      f"send them when it is back with: capsx sync {run_dir}[/]", soft_wrap=True)
+
+
+def sync_run(run_dir: Path, tracking_uri: str | None) -> int:
+    """Send a run's buffered tracking calls; returns how many are still left."""
+    if not (run_dir / "run.json").is_file():
+        raise CapsxError(f"{run_dir}: not a run directory (expected run.json in it)")
+    info = read_run_info(run_dir)
+    uri = tracking_uri or info.tracking_uri
+    if uri is None:
+        raise CapsxError(f"{run_dir}: the run was trained with tracking off; give --tracking-uri to send it")
+    tracker = Tracker(uri, info.run_id, buffer_dir=run_dir)
+    waiting = tracker.pending()
+    if not waiting:
+        console.print(f"nothing to send: {run_dir} has no buffered tracking calls")
+        return 0
+    left = tracker.flush()
+    console.print(f"sent {waiting - left} of {waiting} buffered call(s) to {uri} (run {info.run_id})")
+    return left
 
 
 def run_evaluation(ref: str, *, data_root: Path | None, tracking_uri: str | None, runs_dir: Path, log: bool,

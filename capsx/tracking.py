@@ -8,10 +8,12 @@ tracking off, `NullTracker` takes the same calls and keeps nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -19,6 +21,11 @@ from urllib.parse import urlparse
 import numpy as np
 
 from capsx.errors import CapsxError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent first runs must be avoided there
+    fcntl = None  # type: ignore[assignment]
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 MAX_PARAMS_PER_BATCH = 100
@@ -49,8 +56,12 @@ def local_store_dir(uri: str) -> Path | None:
 
 
 def _quiet_mlflow() -> None:
-    """MLflow logs its database migrations at INFO; capsx prints its own progress."""
+    """MLflow logs its database migrations at INFO; capsx prints its own progress. And an
+    HTTP store that does not answer should fail fast (capsx buffers), not retry for minutes."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic", "sqlalchemy.engine"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -68,7 +79,24 @@ def _client(uri: str) -> Any:
             store.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CapsxError(f"tracking store {uri}: cannot create {store}: {e.strerror}") from None
-    return MlflowClient(tracking_uri=uri)
+    with _store_errors(uri), _creation_lock(uri):
+        return MlflowClient(tracking_uri=uri)  # builds the store, migrating a new database's schema
+
+
+@contextlib.contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """One process at a time sets up a SQLite store: two that create (migrate) the same new
+    database at once both fail half-way ("duplicate column name")."""
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    with lock_path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -95,13 +123,27 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-class Tracker:
-    """One MLflow run: start (or attach to) it, log to it, end it."""
+BUFFER_FILE = "tracking_buffer.jsonl"  # in the run directory: calls the store did not take yet
+RETRY_SECONDS = 15.0  # while the store is unreachable, try it again this often
 
-    def __init__(self, uri: str, run_id: str) -> None:
+
+class Tracker:
+    """One MLflow run: start (or attach to) it, log to it, end it.
+
+    Once `buffer_dir` is set (the run directory), a call the store does not take
+    (a server gone, a database locked) is appended to `tracking_buffer.jsonl`
+    there, in order, and replayed when the store answers again, at the end of
+    the run, or by `capsx sync RUN_DIR`: training goes on and nothing is lost.
+    """
+
+    def __init__(self, uri: str, run_id: str, buffer_dir: Path | None = None,
+                 notify: Callable[[str], None] | None = None) -> None:
         self.uri = uri
         self.client = _client(uri)
         self.run_id = run_id
+        self.buffer_dir = buffer_dir
+        self.notify = notify or (lambda message: None)
+        self._last_attempt = 0.0
 
     @classmethod
     def start(cls, uri: str, experiment: str, *, run_name: str | None = None,
@@ -114,9 +156,9 @@ class Tracker:
         return tracker
 
     @classmethod
-    def attach(cls, uri: str, run_id: str, *, reopen: bool = False) -> Tracker:
+    def attach(cls, uri: str, run_id: str, *, reopen: bool = False, buffer_dir: Path | None = None) -> Tracker:
         """An existing run; `reopen` marks it RUNNING again (a resumed training)."""
-        tracker = cls(uri, run_id)
+        tracker = cls(uri, run_id, buffer_dir)
         with _store_errors(uri):
             tracker.client.get_run(run_id)
             if reopen:
@@ -135,42 +177,151 @@ class Tracker:
     def active(self) -> bool:
         return True
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+    # -- the calls ------------------------------------------------------------------------------
 
-        items = [Param(k, v[:6000]) for k, v in _flatten(params).items()]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._submit("params", {"items": [[k, v[:6000]] for k, v in _flatten(params).items()]})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+        ts = int(time.time() * 1000)  # taken now, so a replay keeps the time it happened
+        self._submit("metrics", {"items": [[k, float(v), ts, step] for k, v in metrics.items()]})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+        self._submit("tags", {"items": [[k, str(v)] for k, v in tags.items()]})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._submit("text", {"text": text, "artifact_file": artifact_file})
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self._submit("dict", {"data": data, "artifact_file": artifact_file})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._submit("artifact", {"path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_image(self, image: np.ndarray, key: str, step: int = 0) -> None:
         """An (H, W) or (H, W, 3) uint8 image, paged by `step` in the UI's image view."""
-        self.client.log_image(self.run_id, image, key=key, step=step)
+        self._submit("image", {"key": key, "step": step}, image=image)
 
-    def end(self, status: str = "FINISHED", note: str | None = None) -> None:
-        if note:
-            self.client.set_tag(self.run_id, "mlflow.note.content", note)
-        self.client.set_terminated(self.run_id, status=status)
+    def end(self, status: str = "FINISHED", note: str | None = None) -> int:
+        """End the run; returns how many calls are still waiting in the buffer (0: all delivered)."""
+        self._submit("end", {"status": status, "note": note})
+        for wait in (0.5, 1.0, 2.0):  # a busy local database frees up in moments; a dead server does not
+            if not self.pending():
+                break
+            time.sleep(wait)
+            self.flush()
+        return self.pending()
+
+    # -- delivery and buffering -----------------------------------------------------------------
+
+    @property
+    def buffer_path(self) -> Path | None:
+        return self.buffer_dir / BUFFER_FILE if self.buffer_dir is not None else None
+
+    def pending(self) -> int:
+        path = self.buffer_path
+        if path is None or not path.is_file():
+            return 0
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+    def _submit(self, op: str, args: dict[str, Any], image: np.ndarray | None = None) -> None:
+        waiting = self.pending() > 0
+        if waiting and (time.monotonic() - self._last_attempt < RETRY_SECONDS or self.flush()):
+            self._buffer(op, args, image)  # keep the order: nothing jumps the queue
+            return
+        try:
+            self._apply(op, args, image)
+        except Exception as e:
+            if self.buffer_path is None:
+                raise CapsxError(f"tracking store {self.uri}: {_first_line(e)}") from None
+            self._last_attempt = time.monotonic()
+            self._buffer(op, args, image)
+            self.notify(f"tracking store {self.uri} did not answer ({_first_line(e)[:120]}); "
+                        f"training goes on, keeping what it logs in {self.buffer_path}")
+
+    def flush(self) -> int:
+        """Send buffered calls in order until one fails; returns how many are left."""
+        path = self.buffer_path
+        if path is None or not path.is_file():
+            return 0
+        self._last_attempt = time.monotonic()
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        sent = 0
+        for line in lines:
+            entry = json.loads(line)
+            image = None
+            if "image_file" in entry:
+                from PIL import Image
+
+                with Image.open(entry["image_file"]) as im:
+                    image = np.asarray(im)
+            try:
+                self._apply(entry["op"], entry["args"], image)
+            except Exception:
+                break
+            sent += 1
+        rest = lines[sent:]
+        if rest:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in rest))
+            os.replace(tmp, path)
+        else:
+            path.unlink()
+            shutil.rmtree(path.parent / "tracking_buffer_images", ignore_errors=True)
+            if sent:
+                self.notify(f"tracking store {self.uri} is back: sent {sent} buffered call(s)")
+        return len(rest)
+
+    def _buffer(self, op: str, args: dict[str, Any], image: np.ndarray | None) -> None:
+        path = self.buffer_path
+        assert path is not None
+        entry: dict[str, Any] = {"op": op, "args": args}
+        if image is not None:
+            from PIL import Image
+
+            folder = path.parent / "tracking_buffer_images"
+            folder.mkdir(parents=True, exist_ok=True)
+            file = folder / f"{time.time_ns()}.png"
+            Image.fromarray(image).save(file)
+            entry["image_file"] = str(file)
+        with path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _apply(self, op: str, args: dict[str, Any], image: np.ndarray | None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        c, run = self.client, self.run_id
+        if op == "params":
+            items = [Param(k, v) for k, v in args["items"]]
+            for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                c.log_batch(run, params=items[i:i + MAX_PARAMS_PER_BATCH])
+        elif op == "metrics":
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in args["items"]]
+            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                c.log_batch(run, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+        elif op == "tags":
+            c.log_batch(run, tags=[RunTag(k, v) for k, v in args["items"]])
+        elif op == "text":
+            c.log_text(run, args["text"], args["artifact_file"])
+        elif op == "dict":
+            c.log_dict(run, args["data"], args["artifact_file"])
+        elif op == "artifact":
+            c.log_artifact(run, args["path"], args["artifact_path"])
+        elif op == "image":
+            assert image is not None
+            c.log_image(run, image, key=args["key"], step=args["step"])
+        elif op == "end":
+            if args["note"]:
+                c.set_tag(run, "mlflow.note.content", args["note"])
+            c.set_terminated(run, status=args["status"])
+        else:
+            raise AssertionError(f"unknown tracking op {op!r}")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 class NullTracker:
@@ -189,7 +340,8 @@ class NullTracker:
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_image(self, image: np.ndarray, key: str, step: int = 0) -> None: ...
-    def end(self, status: str = "FINISHED", note: str | None = None) -> None: ...
+    def end(self, status: str = "FINISHED", note: str | None = None) -> int:
+        return 0
 
 
 def download_checkpoint(uri: str, run_id: str, dest: Path) -> Path | None:

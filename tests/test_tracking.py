@@ -1,0 +1,163 @@
+"""Tracking that survives its store: a real `mlflow server` stopped mid-run, an unreachable
+store at start, and two trainings writing one SQLite store at once."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from capsx.cli import app
+from capsx.device import resolve_device
+from capsx.engine import Run, fit
+from capsx.recipe import recipe_from_dict
+from capsx.tracking import BUFFER_FILE, Tracker
+from tests.conftest import tiny_recipe
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend in `root`."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.port = root, port
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            assert self.proc.poll() is None, "mlflow server exited"
+            assert time.time() < deadline, "mlflow server did not come up"
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while time.time() < deadline:  # until the port is really closed
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path, _free_port())
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+class _StopServerAt:
+    def __init__(self, server: Server, at: int) -> None:
+        self.server, self.at, self.steps = server, at, 0
+
+    def epoch_start(self, *a): ...
+    def epoch_end(self, *a): ...
+
+    def step(self, totals, lr):
+        self.steps += 1
+        if self.steps == self.at:
+            self.server.stop()
+
+
+def test_a_server_that_dies_mid_run_loses_nothing(tmp_path, server, monkeypatch):
+    monkeypatch.setattr("capsx.tracking.RETRY_SECONDS", 0.5)  # retry often in a short test
+    recipe = recipe_from_dict(tiny_recipe(train={"epochs": 3, "log_every": 1}), "t")  # 6 steps per epoch
+    notes = []
+    tracker = Tracker.start(server.uri, "dies")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    tracker.buffer_dir, tracker.notify = run_dir, notes.append
+    (run_dir / "run.json").write_text(
+        f'{{"run_id": "{tracker.run_id}", "experiment": "dies", "recipe": "t", "tracking_uri": "{server.uri}",'
+        f' "started": 0}}')
+    result = fit(recipe, Run(resolve_device("cpu"), tmp_path, run_dir, tracker, _StopServerAt(server, 4)))
+    assert result.state.epoch == 3  # training went on
+    left = tracker.end("FINISHED")
+    assert left > 0 and (run_dir / BUFFER_FILE).is_file()
+    assert any("did not answer" in n for n in notes)
+
+    server.start()  # the same database, the same port
+    res = CliRunner().invoke(app, ["sync", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert f"sent {left} of {left}" in res.output
+    assert not (run_dir / BUFFER_FILE).exists()
+    client = MlflowClient(server.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "test/error")] == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(tracker.run_id, "train/step_loss")) == list(range(1, 19))
+
+
+def test_sync_says_when_there_is_nothing_or_the_store_is_still_down(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    port = _free_port()
+    (run_dir / "run.json").write_text(f'{{"run_id": "abc", "experiment": "e", "recipe": "r", '
+                                      f'"tracking_uri": "http://127.0.0.1:{port}", "started": 0}}')
+    res = CliRunner().invoke(app, ["sync", str(run_dir)])
+    assert res.exit_code == 0 and "nothing to send" in res.output
+    (run_dir / BUFFER_FILE).write_text('{"op": "tags", "args": {"items": [["a", "b"]]}}\n')
+    res = CliRunner().invoke(app, ["sync", str(run_dir)])
+    assert res.exit_code == 1 and "still does not answer" in res.output
+    res = CliRunner().invoke(app, ["sync", str(tmp_path)])
+    assert res.exit_code == 2 and "not a run directory" in res.output
+
+
+def test_an_unreachable_store_at_start_is_a_clear_error_before_training(workdir):
+    recipe = workdir / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe()))
+    t = time.time()
+    res = CliRunner().invoke(app, ["train", str(recipe), "--tracking-uri", f"http://127.0.0.1:{_free_port()}"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: tracking store http://127.0.0.1:") and "--no-track" in res.output
+    assert not list(workdir.glob("runs/*/*/checkpoints/*.pt"))  # nothing trained
+    assert time.time() - t < 60
+
+
+def test_two_trainings_into_one_sqlite_store_both_keep_all_metrics(workdir):
+    for name in ("one", "two"):
+        (workdir / f"{name}.yaml").write_text(yaml.safe_dump(tiny_recipe(
+            name=name, train={"epochs": 3, "log_every": 1})))
+    procs = [subprocess.Popen([str(BIN / "capsx"), "train", f"{name}.yaml"], cwd=workdir,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("one", "two")]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    client = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    for name in ("one", "two"):
+        (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test/error")] == [1, 2, 3]
+        assert len(client.get_metric_history(run.info.run_id, "train/step_loss")) == 18
