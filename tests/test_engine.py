@@ -80,3 +80,18 @@ def test_epoch_metrics_are_logged_once_per_epoch_with_their_epoch_as_step(tmp_pa
 ])
 def test_schedules_by_hand(cfg, step, total, expected):
     assert lr_factor(cfg, step, total) == pytest.approx(expected)
+
+
+def test_a_diverged_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from capsx.checkpoint import load_checkpoint
+    from capsx.errors import RunError
+
+    good = recipe_from_dict(tiny_recipe(model={"name": "convnet_small", "channels": [4], "hidden": [8]}), "t")
+    fit(good, _run(tmp_path, _NoTracking()))
+    before = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]["global_step"]
+    bad = recipe_from_dict(tiny_recipe(model={"name": "convnet_small", "channels": [4], "hidden": [8]}), "t",
+                           ["optimizer.name=sgd", "optimizer.lr=1e30", "schedule.name=constant", "train.epochs=3"])
+    with pytest.raises(RunError, match=r"the loss became (nan|inf) at step \d+ \(epoch \d\)") as e:
+        fit(bad, _run(tmp_path, _NoTracking()))
+    assert "lower optimizer.lr" in str(e.value)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]["global_step"] == before
