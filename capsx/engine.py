@@ -18,10 +18,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from capsx import memory
 from capsx.checkpoint import save_checkpoint
 from capsx.data import Batches
 from capsx.device import autocast, eval_mode
-from capsx.errors import RunError
+from capsx.errors import CapsxError, RunError
 from capsx.interrupt import StopRequest
 from capsx.losses import LossTerms
 from capsx.metrics import EvalResult, confusion_matrix
@@ -159,6 +160,8 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None) -> FitRe
         state = TrainState.from_dict(resume["state"])
         _set_rng_state(resume["rng"])
 
+    check_memory(model, criterion, data_cfg.input_shape, recipe.optimizer.name, run.device,
+                  min(data_cfg.batch_size, len(splits.train)))
     train_batches = Batches(splits.train.to(run.device), data_cfg.batch_size, shuffle=True, seed=cfg.seed,
                             shift=data_cfg.augment.shift, max_steps=cfg.max_steps_per_epoch)
     test_batches = Batches(splits.test.to(run.device), data_cfg.eval_batch_size)
@@ -301,6 +304,19 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Criterion, *, precis
     confusion = confusion_matrix(torch.cat(labels_all), torch.cat(preds_all), len(classes))
     parts = {k: v / max(1, n) for k, v in sums.items() if k != "loss"}
     return EvalResult(loss=sums.get("loss", 0.0) / max(1, n), parts=parts, confusion=confusion, classes=classes)
+
+
+def check_memory(model: nn.Module, criterion: Criterion, input_shape: tuple[int, int, int], optimizer: str,
+                 device: torch.device, batch: int) -> None:
+    """Stop before training if a step at `batch` will not fit the device, saying what would."""
+    est = memory.estimate(model, criterion, input_shape, optimizer, device)
+    if est is None or est.peak(batch) <= est.available:
+        return
+    fits = est.largest_batch()
+    advice = f"the largest batch that fits is about {fits}" if fits else "not even a batch of 1 fits"
+    raise CapsxError(f"data.batch_size {batch}: a training step needs about {memory.gib(est.peak(batch))} "
+                     f"({memory.gib(100 * est.per_image)} per 100 images) but {device.type} has "
+                     f"{memory.gib(est.available)} free; {advice}")
 
 
 DIAGNOSTIC_IMAGES = 100  # test images a model's own diagnostics (e.g. routing) look at each epoch

@@ -95,3 +95,28 @@ def test_a_diverged_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         fit(bad, _run(tmp_path, _NoTracking()))
     assert "lower optimizer.lr" in str(e.value)
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]["global_step"] == before
+
+
+def test_memory_preflight_stops_a_batch_that_cannot_fit(tmp_path):
+    from capsx import memory
+    from capsx.losses import MarginLossConfig
+    from capsx.models import MODELS, build_model
+
+    model = build_model(MODELS.get("capsnet")(), (1, 28, 28), 10)
+    est = memory.estimate(model, MarginLossConfig(), (1, 28, 28), "adam", torch.device("cpu"))
+    if est is None:
+        pytest.skip("this platform's memory cannot be read (/proc)")
+    assert 0.5 * 2**20 < est.per_image < 20 * 2**20  # a paper CapsNet image costs a few MiB in a step
+    assert est.largest_batch() > 100
+    too_big = est.largest_batch() * 3
+    recipe = recipe_from_dict(tiny_recipe(
+        model={"name": "capsnet"}, data={"name": "shapes", "train_size": 16, "test_size": 8,
+                                         "batch_size": too_big}), "t")
+    # the data set is smaller than the batch: the step really taken is small, and fits
+    fit(recipe, _run(tmp_path, _NoTracking()))
+    engine_model = build_model(MODELS.get("capsnet")(), (1, 28, 28), 10)
+    from capsx.engine import check_memory
+
+    with pytest.raises(CapsxError, match=r"data.batch_size \d+: a training step needs about .* free; "
+                                         r"the largest batch that fits is about \d+"):
+        check_memory(engine_model, MarginLossConfig(), (1, 28, 28), "adam", torch.device("cpu"), too_big)

@@ -1,0 +1,118 @@
+"""Memory pre-flight: will a training step at this batch size fit the device?
+
+Measured, not modelled: two probe steps (forward and backward at batch 8 and
+40, weights untouched) are run and their peak memory read: on CUDA from the
+allocator's peak statistics, on a Linux CPU from the process's peak resident
+size (reset between probes through /proc/self/clear_refs). The difference
+gives the cost per image, the first probe the fixed cost; the optimizer's
+state (not yet allocated) is added from the parameter count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PROBE_BATCHES = (8, 40)
+MARGIN = 1.5  # allocator slack and fragmentation: measured peaks were 0.6x to 1.5x the unscaled estimate
+OPTIMIZER_COPIES = {"sgd": 1, "adam": 2, "adadelta": 2, "adagrad": 1, "rmsprop": 2}  # state tensors per parameter
+
+
+@dataclass
+class MemoryEstimate:
+    per_image: int  # bytes a step needs per image of the batch
+    fixed: int  # bytes a step needs beyond that (at batch 0), optimizer state included
+    available: int  # bytes free on the device now
+
+    def peak(self, batch: int) -> int:
+        return int(MARGIN * (self.fixed + self.per_image * batch))
+
+    def largest_batch(self) -> int:
+        return max(0, math.floor((self.available / MARGIN - self.fixed) / self.per_image))
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(field)
+
+
+def _cpu_probe() -> tuple[callable, callable] | None:  # type: ignore[valid-type]
+    """(reset, read) of the peak resident size in bytes, or None where Linux's /proc is not there."""
+    clear = Path("/proc/self/clear_refs")
+    try:
+        _status_kib("VmHWM")
+        clear.write_text("5")
+    except OSError:
+        return None
+    return (lambda: clear.write_text("5")), (lambda: _status_kib("VmHWM") * 1024)
+
+
+def _step(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], batch: int,
+          device: torch.device) -> None:
+    x = torch.rand(batch, *input_shape, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    criterion(model(x, y), x, y).total.backward()  # type: ignore[operator]
+    for p in model.parameters():
+        p.grad = None
+
+
+def estimate(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], optimizer: str,
+             device: torch.device) -> MemoryEstimate | None:
+    """Measure; None where this device's memory cannot be read (MPS, non-Linux CPU)."""
+    if device.type == "cuda":
+        def reset() -> None:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def read() -> int:
+            torch.cuda.synchronize(device)
+            return int(torch.cuda.max_memory_allocated(device))
+
+        def now() -> int:
+            return int(torch.cuda.memory_allocated(device))
+
+        def free() -> int:
+            return int(torch.cuda.mem_get_info(device)[0])
+    elif device.type == "cpu":
+        probe = _cpu_probe()
+        if probe is None:
+            return None
+        reset, read = probe
+
+        def now() -> int:
+            return _status_kib("VmRSS") * 1024
+
+        def free() -> int:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+            raise OSError("MemAvailable")
+    else:
+        return None
+    was_training = model.training
+    model.train()
+    peaks = []
+    try:
+        with torch.random.fork_rng(devices=[]):  # dropout in a probe must not shift training's RNG
+            baseline = now()
+            for b in PROBE_BATCHES:
+                reset()
+                _step(model, criterion, input_shape, b, device)
+                peaks.append(read())
+    finally:
+        model.train(was_training)
+    (b1, b2), (p1, p2) = PROBE_BATCHES, peaks
+    per_image = max(1, (p2 - p1) // (b2 - b1))
+    state = sum(p.numel() * p.element_size() for p in model.parameters()) * OPTIMIZER_COPIES.get(optimizer, 2)
+    fixed = max(0, p1 - baseline - per_image * b1) + state
+    return MemoryEstimate(per_image, fixed, free() + max(0, now() - baseline))
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
