@@ -103,6 +103,8 @@ def train(
 
     changes = [*(set_ or []), *(overrides or [])]
     payload = None
+    if resume is not None and recipe is not None and "=" in recipe.name and not recipe.exists():
+        changes, recipe = [str(recipe), *changes], None  # `--resume RUN key=value`: an override, not a recipe
     if resume is not None:
         if recipe is not None:
             raise CapsxError("--resume continues the recipe stored in the checkpoint; give no recipe file")
@@ -414,6 +416,7 @@ def visualize_top_activating(
 @handles_errors
 def ui(
     tracking_uri: TrackingOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 unless you mean to share.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the web UI.")] = 5000,
 ) -> None:
@@ -421,7 +424,7 @@ def ui(
     from capsx.console import console
     from capsx.tracking import local_store_dir, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(tracking_uri, None)
+    uri = resolve_tracking_uri(tracking_uri, None, runs_dir)
     mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     store = local_store_dir(uri)

@@ -20,7 +20,7 @@ from torch import nn
 
 from capsx import memory
 from capsx.checkpoint import save_checkpoint
-from capsx.data import Batches
+from capsx.data import Batches, DataSplits
 from capsx.device import autocast, eval_mode
 from capsx.errors import CapsxError, RunError
 from capsx.interrupt import StopRequest
@@ -139,13 +139,15 @@ class Run:
     reporter: Reporter = field(default_factory=QuietReporter)
 
 
-def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None) -> FitResult:
-    """Train `recipe` to the end (or early stop); resume from a checkpoint payload if given."""
+def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
+        splits: DataSplits | None = None) -> FitResult:
+    """Train `recipe` to the end (or early stop); resume from a checkpoint payload if given.
+    `splits`: the recipe's data, if the caller loaded it already."""
     t_start = time.perf_counter()
     cfg = recipe.train
     torch.manual_seed(cfg.seed)
     data_cfg = recipe.data
-    splits = data_cfg.load_splits(run.data_root)
+    splits = splits if splits is not None else data_cfg.load_splits(run.data_root)
     model = build_model(recipe.model, data_cfg.input_shape, len(data_cfg.classes)).to(run.device)
     criterion: Criterion = recipe.loss_config
     optimizer = build_optimizer(model.parameters(), recipe.optimizer)

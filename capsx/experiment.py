@@ -19,12 +19,12 @@ from capsx import __version__
 from capsx.checkpoint import load_checkpoint
 from capsx.console import ProgressReporter, confusion_table, console, key_value_table, per_class_table
 from capsx.data import Batches, resolve_data_root
-from capsx.device import describe_device, resolve_device
+from capsx.device import autocast, describe_device, resolve_device
 from capsx.engine import FitResult, Interrupted, Run, evaluate, fit, load_model
 from capsx.errors import CapsxError, RunError
 from capsx.metrics import EvalResult
 from capsx.recipe import Recipe
-from capsx.runs import RunInfo, make_run_dir, read_run_info, resolve_checkpoint
+from capsx.runs import RunInfo, ensure_writable, make_run_dir, read_run_info, resolve_checkpoint
 from capsx.tracking import NullTracker, Tracker, resolve_tracking_uri
 
 
@@ -33,7 +33,9 @@ def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tr
                  resume_dir: Path | None = None) -> int:
     """Train with tracking and reporting; returns the exit code (0, or 130/143 when interrupted)."""
     device = resolve_device(recipe.device)
+    autocast(device, recipe.train.precision)  # an impossible precision is an error now, not after set-up
     root = resolve_data_root(str(data_root) if data_root else None, getattr(recipe.data, "root", None))
+    splits = recipe.data.load_splits(root)  # a missing or broken data set too: before any run exists
     experiment = recipe.tracking.experiment or recipe.name
     tracker: Tracker | NullTracker
     if resume is not None:
@@ -44,7 +46,8 @@ def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tr
         tracker = (Tracker.attach(uri, resume["run_id"], reopen=True, buffer_dir=run_dir) if (uri and track)
                    else NullTracker(resume["run_id"]))
     else:
-        uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri)
+        uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri, runs_dir)
+        ensure_writable(runs_dir)  # before an MLflow run exists that could not be finished
         if track:
             tracker = Tracker.start(uri, experiment, run_name=recipe.tracking.run_name, tags=_run_tags(recipe, device))
         else:
@@ -68,7 +71,7 @@ def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tr
     reporter = ProgressReporter()
     try:
         result = fit(recipe, Run(device=device, data_root=root, run_dir=run_dir, tracker=tracker,
-                                 reporter=reporter), resume=resume)
+                                 reporter=reporter), resume=resume, splits=splits)
     except Interrupted as stop:
         reporter.close()
         name = signal.Signals(stop.signum).name
@@ -142,7 +145,7 @@ def run_evaluation(ref: str, *, data_root: Path | None, tracking_uri: str | None
     console.print(per_class_table(result))
     console.print(confusion_table(result))
     if log and run_id:
-        uri = _run_tracking_uri(ckpt, tracking_uri)
+        uri = _run_tracking_uri(ckpt, tracking_uri, runs_dir)
         if uri is None:
             console.print("[dim]not logged: the run was trained without tracking[/]")
         else:
@@ -156,13 +159,13 @@ def run_evaluation(ref: str, *, data_root: Path | None, tracking_uri: str | None
     return result
 
 
-def _run_tracking_uri(ckpt: Path, cli_uri: str | None) -> str | None:
+def _run_tracking_uri(ckpt: Path, cli_uri: str | None, runs_dir: Path) -> str | None:
     run_json = ckpt.parent.parent / "run.json"
     if cli_uri:
         return cli_uri
     if run_json.is_file():
         return read_run_info(ckpt.parent.parent).tracking_uri
-    return resolve_tracking_uri(None, None)
+    return resolve_tracking_uri(None, None, runs_dir)
 
 
 def _confusion_dict(result: EvalResult) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -276,11 +277,19 @@ def _walk(cls: Any, loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
 
 def _section_type(info: FieldInfo) -> tuple[Any, dict[str, Any]]:
     """For a field: its section class, or (None, {tag: class}) if it is a discriminated union."""
-    ann = info.annotation
-    members = [a for a in getattr(ann, "__args__", (ann,)) if a is not type(None)]
-    sections = [m for m in members if isinstance(m, type) and issubclass(m, Section)]
+    sections = [m for m in _members(info.annotation) if isinstance(m, type) and issubclass(m, Section)]
     if len(sections) == 1:
         return sections[0], {}
     if len(sections) > 1:
         return None, {m.model_fields["name"].default: m for m in sections}
     return None, {}
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The classes inside Optional / Union / Annotated, flattened."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    args = get_args(annotation)
+    if args and get_origin(annotation) in (Union, UnionType):
+        return [m for a in args for m in _members(a)]
+    return [annotation]

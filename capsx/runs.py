@@ -7,6 +7,7 @@ works offline and with tracking off.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,18 @@ class RunInfo:
 
     def save(self, run_dir: Path) -> None:
         (run_dir / "run.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def ensure_writable(runs_dir: Path) -> None:
+    """Create `runs_dir` if needed and prove a file can be written there."""
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        probe = runs_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CapsxError(f"cannot write to {runs_dir}/: {e.strerror}; expected a writable folder for "
+                         "checkpoints (pass --runs-dir)") from None
 
 
 def make_run_dir(runs_dir: Path, experiment: str, run_id: str) -> Path:
@@ -89,7 +102,7 @@ def resolve_checkpoint(ref: str, runs_dir: Path, tracking_uri: str | None, which
     if re.fullmatch(r"[0-9a-f]{32}", ref) and which == "best":
         from capsx.tracking import download_checkpoint, resolve_tracking_uri
 
-        uri = resolve_tracking_uri(tracking_uri, None)
+        uri = resolve_tracking_uri(tracking_uri, None, runs_dir)
         fetched = download_checkpoint(uri, ref, runs_dir / "_downloads" / ref)
         if fetched is not None:
             return fetched

@@ -27,18 +27,19 @@ try:
 except ImportError:  # Windows: no advisory locks; concurrent first runs must be avoided there
     fcntl = None  # type: ignore[assignment]
 
-DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
+DEFAULT_STORE = "mlflow.db"  # the default store: a SQLite file in the runs directory
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 
 
-def resolve_tracking_uri(cli_uri: str | None, recipe_uri: str | None) -> str:
-    """--tracking-uri, else the recipe's tracking.uri, else $MLFLOW_TRACKING_URI, else runs/mlflow.db.
+def resolve_tracking_uri(cli_uri: str | None, recipe_uri: str | None, runs_dir: Path = Path("runs")) -> str:
+    """--tracking-uri, else the recipe's tracking.uri, else $MLFLOW_TRACKING_URI, else <runs>/mlflow.db.
 
     A relative SQLite path is made absolute: MLflow caches one store per URI
     string, so a relative one would keep pointing at the first directory used.
     """
-    uri = cli_uri or recipe_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    default = f"sqlite:///{runs_dir / DEFAULT_STORE}"
+    uri = cli_uri or recipe_uri or os.environ.get("MLFLOW_TRACKING_URI") or default
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
     return uri

@@ -1,0 +1,187 @@
+"""Bad input, one table: every case goes through the real CLI and must end with exit code 2
+(usage, recipe, data) or 1 (a runtime failure), one red `error:` line naming what is wrong
+and what was expected, and no traceback."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from capsx.cli import app
+from tests.conftest import tiny_recipe, write_mnist
+
+runner = CliRunner()
+CNN = {"name": "convnet_small", "channels": [4], "hidden": [8]}
+
+
+def _recipe(**changes: object) -> str:
+    return yaml.safe_dump(tiny_recipe(**changes))  # type: ignore[arg-type]
+
+
+def _with(section: str, **values: object) -> str:
+    raw = tiny_recipe()
+    raw.setdefault(section, {})
+    raw[section] = {**raw[section], **values}
+    return yaml.safe_dump(raw)
+
+
+# (id, recipe text or None, arguments with {r} for the recipe, {tmp} for the folder, exit code, words)
+CASES = [
+    ("malformed-yaml", "model: [unclosed", ["train", "{r}"], 2, ["not valid YAML", "line 1"]),
+    ("list-at-top", "- model\n- data\n", ["train", "{r}"], 2, ["expected a mapping of sections"]),
+    ("list-for-section", _recipe(model=[1, 2]), ["train", "{r}"], 2, ["model: expected a mapping, got a list"]),
+    ("binary-file", None, ["train", "{tmp}/binary.yaml"], 2, ["cannot read the recipe"]),
+    ("recipe-is-a-folder", None, ["train", "{tmp}"], 2, ["recipe file not found"]),
+    ("missing-recipe", None, ["train", "{tmp}/nope.yaml"], 2, ["nope.yaml", "recipe file not found"]),
+    ("empty-recipe", "", ["train", "{r}"], 2, ["model: required key is missing"]),
+    ("no-data-section", yaml.safe_dump({"model": {"name": "capsnet"}}), ["train", "{r}"], 2,
+     ["data: required key is missing"]),
+    ("unknown-top-key", _recipe(extras=1), ["train", "{r}"], 2, ["extras: unknown key", "model, loss, data"]),
+    ("unknown-model-key", _with("model", routing_iter=3), ["train", "{r}"], 2,
+     ["model.routing_iter: unknown key", "routing_iters"]),
+    ("unknown-data-key", _with("data", batchsize=3), ["train", "{r}"], 2, ["data.batchsize: unknown key",
+                                                                          "batch_size"]),
+    ("unknown-optimizer-key", _with("optimizer", learning_rate=1), ["train", "{r}"], 2,
+     ["optimizer.learning_rate: unknown key", "lr"]),
+    ("unknown-train-key", _with("train", epoch=1), ["train", "{r}"], 2, ["train.epoch: unknown key", "epochs"]),
+    ("unknown-nested-key", _with("train", checkpoint={"evry": 1}), ["train", "{r}"], 2,
+     ["train.checkpoint.evry: unknown key", "every, best"]),
+    ("unknown-tracking-key", _with("tracking", url="x"), ["train", "{r}"], 2, ["tracking.url: unknown key", "uri"]),
+    ("unknown-loss-key", _with("loss", name="margin", margin=1), ["train", "{r}"], 2,
+     ["loss.margin: unknown key", "m_plus, m_minus, down_weight, recon_weight"]),
+    ("epochs-word", _with("train", epochs="three"), ["train", "{r}"], 2, ["train.epochs: expected an integer",
+                                                                        "'three'"]),
+    ("epochs-float", _with("train", epochs=1.5), ["train", "{r}"], 2, ["train.epochs: expected an integer"]),
+    ("epochs-zero", _with("train", epochs=0), ["train", "{r}"], 2, ["train.epochs: expected a value >= 1"]),
+    ("batch-negative", _with("data", batch_size=-8), ["train", "{r}"], 2, ["data.batch_size", ">= 1", "-8"]),
+    ("batch-zero", _with("data", batch_size=0), ["train", "{r}"], 2, ["data.batch_size", ">= 1"]),
+    ("routing-zero", _with("model", routing_iters=0), ["train", "{r}"], 2, ["model.routing_iters", ">= 1"]),
+    ("unknown-model", _recipe(model={"name": "capsnet2"}), ["train", "{r}"], 2,
+     ["unknown model 'capsnet2'", "baseline_cnn, capsnet, convnet_small"]),
+    ("unknown-dataset", _recipe(data={"name": "imagenet"}), ["train", "{r}"], 2,
+     ["unknown data set 'imagenet'", "mnist, shapes"]),
+    ("unknown-optimizer", _with("optimizer", name="adamw"), ["train", "{r}"], 2,
+     ["optimizer.name", "sgd, adam, adadelta, adagrad, rmsprop"]),
+    ("unknown-loss", _with("loss", name="hinge"), ["train", "{r}"], 2, ["unknown loss 'hinge'", "margin"]),
+    ("unknown-schedule", _with("schedule", name="step"), ["train", "{r}"], 2, ["schedule.name",
+                                                                             "constant, exponential, cosine"]),
+    ("unknown-device", _recipe(device="tpu"), ["train", "{r}"], 2, ["device", "auto, cpu, cuda, mps"]),
+    ("lr-zero", _with("optimizer", lr=0), ["train", "{r}"], 2, ["optimizer.lr", "> 0"]),
+    ("lr-string", _with("optimizer", lr="fast"), ["train", "{r}"], 2, ["optimizer.lr: expected a number"]),
+    ("betas-short", _with("optimizer", betas=[0.9]), ["train", "{r}"], 2, ["optimizer.betas", "at least 2"]),
+    ("bool-as-yes", "decoder: yes\n".join(["", ""]) + _with("model", decoder="yes"), ["train", "{r}"], 2,
+     ["model.decoder: expected true or false", "'yes'"]),
+    ("hidden-zero", _with("model", decoder_hidden=[32, 0]), ["train", "{r}"], 2, ["model.decoder_hidden[1]",
+                                                                                 ">= 1"]),
+    ("shift-negative", _with("data", augment={"shift": -1}), ["train", "{r}"], 2, ["data.augment.shift", ">= 0"]),
+    ("dropout-one", _recipe(model={**CNN, "dropout": 1.0}), ["train", "{r}"], 2, ["model.dropout", "< 1"]),
+    ("activation", _recipe(model={**CNN, "activation": "gelu"}), ["train", "{r}"], 2,
+     ["model.activation", "relu, leaky_relu, elu, tanh, sigmoid, swish"]),
+    ("precision", _with("train", precision="fp8"), ["train", "{r}"], 2, ["train.precision", "fp32, bf16, fp16"]),
+    ("fp16-on-cpu", _with("train", precision="fp16"), ["train", "{r}", "--no-track"], 2,
+     ["fp16 needs a CUDA device"]),
+    ("override-syntax", _recipe(), ["train", "{r}", "--set", "train.epochs"], 2, ["expected key.path=value"]),
+    ("override-into-scalar", _recipe(), ["train", "{r}", "device.kind=cpu"], 2, ["device is a string, not a "
+                                                                                   "section"]),
+    ("override-type", _recipe(), ["train", "{r}", "data.batch_size=[1]"], 2, ["data.batch_size: expected an "
+                                                                               "integer"]),
+    ("missing-recipe-arg", None, ["train"], 2, ["missing RECIPE"]),
+    ("mnist-missing", _recipe(data={"name": "mnist"}), ["train", "{r}", "--data-root", "{tmp}/none"], 2,
+     ["MNIST not found", "train-images-idx3-ubyte", "data.download=true"]),
+    ("mnist-truncated", _recipe(data={"name": "mnist"}), ["train", "{r}", "--data-root", "{tmp}/truncated"], 2,
+     ["MNIST", "could not be read"]),
+    ("mnist-bad-magic", _recipe(data={"name": "mnist"}), ["train", "{r}", "--data-root", "{tmp}/badmagic"], 2,
+     ["MNIST", "could not be read"]),
+    ("runs-dir-unwritable", _recipe(), ["train", "{r}", "--runs-dir", "{tmp}/afile/runs"], 2,
+     ["cannot write to", "afile/runs", "Not a directory"]),
+    ("store-unreachable", _recipe(), ["train", "{r}", "--tracking-uri", "http://127.0.0.1:9"], 2,
+     ["tracking store http://127.0.0.1:9", "--no-track"]),
+    ("resume-and-recipe", _recipe(), ["train", "{r}", "--resume", "latest"], 2, ["give no recipe file"]),
+    ("resume-nothing", None, ["train", "--resume", "latest", "--runs-dir", "{tmp}/empty"], 2, ["no runs in"]),
+    ("resume-overrides", None, ["train", "--resume", "{tmp}/ckpt/cnn.pt", "model.channels=[8]"], 2,
+     ["no overrides except train.epochs"]),
+    ("eval-no-runs", None, ["eval", "latest", "--runs-dir", "{tmp}/empty"], 2, ["no runs in"]),
+    ("eval-unknown-run", None, ["eval", "0123456789abcdef0123456789abcdef", "--runs-dir", "{tmp}/empty"], 2,
+     ["no run or checkpoint"]),
+    ("eval-not-a-checkpoint", None, ["eval", "{tmp}/ckpt/text.pt"], 1, ["not a readable checkpoint"]),
+    ("eval-pickled-code", None, ["eval", "{tmp}/ckpt/evil.pt"], 1, ["refused to load", "pickled objects"]),
+    ("eval-other-model-weights", None, ["eval", "{tmp}/ckpt/mismatch.pt"], 1,
+     ["checkpoint weights do not fit model 'capsnet'"]),
+    ("perturb-on-a-cnn", None, ["perturb", "--checkpoint", "{tmp}/ckpt/cnn.pt", "--no-log"], 2,
+     ["needs a capsule model", "ConvNet"]),
+    ("perturb-dim-range", None, ["perturb", "--checkpoint", "{tmp}/ckpt/caps.pt", "--dim", "16", "--no-log"], 2,
+     ["--dim 16: out of range", "8 dimensions"]),
+    ("perturb-dim-and-dims", None, ["perturb", "--dim", "1", "--dims", "all"], 2, ["not both"]),
+    ("run-and-checkpoint", None, ["reconstruct", "--run", "latest", "--checkpoint", "{tmp}/ckpt/caps.pt"], 2,
+     ["not both"]),
+    ("image-not-an-image", None, ["reconstruct", "--checkpoint", "{tmp}/ckpt/caps.pt", "--image", "{tmp}/binary.yaml",
+                                  "--no-log"], 2, ["not an image file"]),
+    ("image-blank", None, ["reconstruct", "--checkpoint", "{tmp}/ckpt/caps.pt", "--image", "{tmp}/blank.png",
+                           "--no-log"], 2, ["no ink found"]),
+    ("filters-unknown-layer", None, ["visualize", "filters", "--checkpoint", "{tmp}/ckpt/caps.pt", "--layer", "x",
+                                     "--no-log"], 2, ["--layer 'x'", "conv1"]),
+    ("sync-not-a-run", None, ["sync", "{tmp}"], 2, ["not a run directory"]),
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Files the cases point at: bad data folders, crafted checkpoints, a blank image."""
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "binary.yaml").write_bytes(b"\xff\xfe\x00bad")
+    (tmp / "afile").write_text("a file, not a folder")
+    (tmp / "empty").mkdir()
+    f = write_mnist(tmp / "truncated") / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:999])
+    f = write_mnist(tmp / "badmagic") / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    f.write_bytes(b"\x00\x00\x0c\x09" + f.read_bytes()[4:])
+    from PIL import Image
+
+    Image.new("L", (40, 30)).save(tmp / "blank.png")
+    ckpt = tmp / "ckpt"
+    ckpt.mkdir()
+    from capsx.checkpoint import save_checkpoint
+    from capsx.models import build_model
+    from capsx.recipe import recipe_from_dict
+
+    for name, model_cfg in (("caps", tiny_recipe()["model"]), ("cnn", CNN)):
+        recipe = recipe_from_dict(tiny_recipe(model=model_cfg), "t")
+        model = build_model(recipe.model, recipe.data.input_shape, len(recipe.data.classes))
+        save_checkpoint(ckpt / f"{name}.pt", {"recipe": recipe.to_dict(), "run_id": None,
+                                             "model": model.state_dict(), "state": {"epoch": 1},
+                                             "optimizer": {}, "scaler": {}, "rng": {}})
+    payload = torch.load(ckpt / "cnn.pt", weights_only=True)
+    payload["recipe"] = torch.load(ckpt / "caps.pt", weights_only=True)["recipe"]
+    torch.save(payload, ckpt / "mismatch.pt")  # a CNN's weights under a CapsNet's recipe
+    (ckpt / "text.pt").write_text("not a checkpoint")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"format": "capsx.checkpoint", "version": 1, "x": Payload()}, ckpt / "evil.pt")
+    return tmp
+
+
+def test_the_table_has_at_least_forty_cases():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("name,text,args,code,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(prepared: Path, tmp_path, monkeypatch, name, text, args, code, words):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recipe = tmp_path / "recipe.yaml"
+    if text is not None:
+        recipe.write_text(text)
+    argv = [a.replace("{r}", str(recipe)).replace("{tmp}", str(prepared)) for a in args]
+    res = runner.invoke(app, argv)
+    out = res.output
+    assert res.exit_code == code, (name, out)
+    assert "Traceback" not in out and "this must never run" not in out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out
+    for w in words:
+        assert w in lines[0], (w, lines[0])
