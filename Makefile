@@ -20,14 +20,14 @@ train: install  ## the quickstart: a small CapsNet on the embedded `shapes` data
 test: install  ## the whole suite (CI runs exactly this)
 	$(BIN)/python -m pytest -q
 
-bench: install  ## throughput of the paper's CapsNet: training and inference images/s
-	$(BIN)/python benchmarks/bench_capsnet.py
+bench: install  ## the paper's CapsNet: capsx against the plain reference, train and inference images/s
+	$(BIN)/capsx bench recipes/mnist-capsnet.yaml
 
 ui: install  ## MLflow UI on 127.0.0.1:5000 over runs/mlflow.db
 	$(BIN)/capsx ui
 
 lint: install
-	$(BIN)/ruff check capsx tests benchmarks
+	$(BIN)/ruff check capsx tests
 	$(BIN)/mypy capsx
 
 clean:

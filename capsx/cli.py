@@ -206,6 +206,78 @@ def sync(
         raise RunError(f"the tracking store still does not answer; {left} call(s) left in {run_dir}")
 
 
+@app.command()
+@handles_errors
+def bench(
+    recipe: Annotated[Path, typer.Argument(help="A CapsNet recipe (its model is benchmarked).")]
+    = Path("recipes/mnist-capsnet.yaml"),
+    batch: Annotated[int, typer.Option("--batch", help="Training batch.")] = 128,
+    infer_batch: Annotated[int, typer.Option("--infer-batch", help="Inference batch.")] = 1000,
+    rounds: Annotated[int, typer.Option("--rounds", help="Alternating rounds of both paths.")] = 5,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps per round and path.")] = 3,
+    precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (autocast).")] = "fp32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log to MLflow, experiment 'bench'.")] = True,
+    tracking_uri: TrackingOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Train and inference images/s of capsx's CapsNet against the plain reference (the public code's style),
+    with achieved GFLOP/s, % of a matrix-product peak and peak memory."""
+    import json
+    import platform
+
+    import torch
+
+    from capsx.bench import run_bench
+    from capsx.console import console, err_console, key_value_table
+    from capsx.recipe import load_recipe
+    from capsx.tracking import Tracker, resolve_tracking_uri
+
+    if precision not in ("fp32", "bf16"):
+        raise CapsxError(f"--precision {precision!r}: expected fp32 or bf16")
+    if min(batch, infer_batch, rounds, steps) < 1:
+        raise CapsxError("--batch, --infer-batch, --rounds and --steps: expected values >= 1")
+    r = load_recipe(recipe)
+    say = (lambda m: err_console.print(m, style="dim")) if as_json else (lambda m: console.print(m, style="dim"))
+    res = run_bench(r, batch=batch, infer_batch=infer_batch, rounds=rounds, steps=steps, precision=precision,
+                    progress=say)
+    out = res.as_json()
+    if as_json:
+        typer.echo(json.dumps(out))
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"{r.name}: {r.model.name}, {precision}, {torch.get_num_threads()} threads "
+                        f"({torch.backends.cpu.get_cpu_capability()}), medians of {rounds} rounds",
+                  title_justify="left")
+        for col in ("", "capsx", "reference", "capsx / reference"):
+            t.add_column(col, justify="right" if col else "left")
+        def mb(v: object) -> str:
+            return "-" if v is None else f"{v:,.0f} MB"
+
+        t.add_row(f"train images/s (batch {batch})", f"{out['train_images_per_s']:.1f}",
+                  f"{out['reference_train_images_per_s']:.1f}", f"{out['train_speedup']:.2f}x")
+        t.add_row(f"inference images/s (batch {infer_batch})", f"{out['infer_images_per_s']:.1f}",
+                  f"{out['reference_infer_images_per_s']:.1f}", f"{out['infer_speedup']:.2f}x")
+        t.add_row(f"peak memory, inference (batch {infer_batch})", mb(out["peak_rss_mb"]),
+                  mb(out["reference_peak_rss_mb"]), "")
+        console.print(t)
+        console.print(key_value_table("compute", [
+            ("training cost", f"{res.train_flops_per_image / 1e9:.2f} GFLOP per image"),
+            ("achieved (capsx, training)", f"{out['gflops_achieved']:.0f} GFLOP/s"),
+            ("matrix-product peak (same run)", f"{out['matmul_peak_gflops']:.0f} GFLOP/s"),
+            ("share of the peak", f"{out['percent_of_matmul_peak']:.0f}%"),
+        ]))
+    if track:
+        uri = resolve_tracking_uri(tracking_uri, None, runs_dir)
+        tracker = Tracker.start(uri, "bench", tags={"capsx.recipe": r.name, "capsx.host": platform.node(),
+                                                   "capsx.torch": torch.__version__})
+        tracker.log_params({"batch": batch, "infer_batch": infer_batch, "precision": precision, "rounds": rounds,
+                            "threads": torch.get_num_threads()})
+        tracker.log_metrics({k: float(v) for k, v in out.items() if isinstance(v, int | float)}, step=0)
+        tracker.end()
+
+
 # ------------------------------------------------------------------------------------ pictures (shared)
 
 RunOpt = Annotated[str | None, typer.Option("--run", help="A run id or 'latest' (default: latest).")]

@@ -1,0 +1,180 @@
+"""`capsx bench`: throughput of a recipe's CapsNet against the plain reference, in one process.
+
+The machine is noisy (the same run can differ 2x from one minute to the
+next), so the two paths alternate, round after round, on the same weights and
+inputs; we report medians and the median of the per-round ratios. Achieved
+GFLOP/s is set against a large matrix product's rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from capsx.device import autocast
+from capsx.errors import CapsxError
+from capsx.models.capsnet import CapsNet
+from capsx.models.reference import ReferenceCapsNet
+from capsx.recipe import Recipe
+
+
+@dataclass
+class PathResult:
+    train: list[float] = field(default_factory=list)  # images/s per round
+    infer: list[float] = field(default_factory=list)
+    infer_peak_bytes: int | None = None
+
+    @property
+    def train_median(self) -> float:
+        return statistics.median(self.train)
+
+    @property
+    def infer_median(self) -> float:
+        return statistics.median(self.infer)
+
+
+@dataclass
+class BenchResult:
+    batch: int
+    infer_batch: int
+    precision: str
+    rounds: int
+    train_flops_per_image: float
+    infer_flops_per_image: float
+    matmul_peak_gflops: float
+    fast: PathResult
+    reference: PathResult
+
+    def ratio(self, kind: str) -> float:
+        fast, ref = getattr(self.fast, kind), getattr(self.reference, kind)
+        return statistics.median(f / r for f, r in zip(fast, ref, strict=True))
+
+    @property
+    def gflops_achieved(self) -> float:
+        return self.train_flops_per_image * self.fast.train_median / 1e9
+
+    def as_json(self) -> dict[str, float | int | str | None]:
+        def mb(b: int | None) -> float | None:
+            return None if b is None else round(b / 2**20, 1)
+
+        return {
+            "batch": self.batch, "infer_batch": self.infer_batch, "precision": self.precision, "rounds": self.rounds,
+            "train_images_per_s": round(self.fast.train_median, 2),
+            "infer_images_per_s": round(self.fast.infer_median, 2),
+            "peak_rss_mb": mb(self.fast.infer_peak_bytes),
+            "gflops_achieved": round(self.gflops_achieved, 1),
+            "matmul_peak_gflops": round(self.matmul_peak_gflops, 1),
+            "percent_of_matmul_peak": round(100 * self.gflops_achieved / self.matmul_peak_gflops, 1),
+            "reference_train_images_per_s": round(self.reference.train_median, 2),
+            "reference_infer_images_per_s": round(self.reference.infer_median, 2),
+            "reference_peak_rss_mb": mb(self.reference.infer_peak_bytes),
+            "train_speedup": round(self.ratio("train"), 2),
+            "infer_speedup": round(self.ratio("infer"), 2),
+        }
+
+
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """The best rate of an n x n matrix product, the machine's practical ceiling."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def _flops(fn: Callable[[], object]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _train_rate(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.Tensor, steps: int,
+                precision: str) -> float:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+    t = time.perf_counter()
+    for _ in range(steps):
+        with autocast(x.device, precision):
+            terms = criterion(model(x, y), x, y)
+        opt.zero_grad(set_to_none=True)
+        terms.total.backward()
+        opt.step()
+    return steps * len(x) / (time.perf_counter() - t)
+
+
+def _infer_rate(model: nn.Module, x: torch.Tensor, precision: str) -> float:
+    model.eval()
+    t = time.perf_counter()
+    with torch.inference_mode(), autocast(x.device, precision):
+        model(x)
+    return len(x) / (time.perf_counter() - t)
+
+
+def _peak_rss(fn: Callable[[], object]) -> int | None:
+    """Peak resident bytes above the starting point while `fn` runs (Linux; None elsewhere)."""
+    status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+    def kib(name: str) -> int:
+        return int(status.read_text().split(name + ":")[1].split()[0])
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand retained heap back, so the start is honest
+        clear.write_text("5")
+        start = kib("VmRSS")
+    except (OSError, AttributeError):
+        fn()
+        return None
+    fn()
+    return (kib("VmHWM") - start) * 1024
+
+
+def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, steps: int, precision: str,
+              progress: Callable[[str], None] = lambda s: None) -> BenchResult:
+    if recipe.model.name != "capsnet":
+        raise CapsxError(f"capsx bench compares CapsNet paths; recipe model is {recipe.model.name!r}")
+    torch.manual_seed(0)  # on the CPU: the reference and the memory readings are CPU measurements
+    shape, classes = recipe.data.input_shape, len(recipe.data.classes)
+    fast = recipe.model.build(shape, classes)
+    assert isinstance(fast, CapsNet)
+    kwargs = recipe.model.kwargs()
+    kwargs["decoder_hidden"] = tuple(kwargs["decoder_hidden"])
+    ref = ReferenceCapsNet(shape, classes, **kwargs)
+    ref.load_state_dict(fast.state_dict())
+    criterion = recipe.loss_config
+    x, y = torch.rand(batch, *shape), torch.randint(classes, (batch,))
+    xi = torch.rand(infer_batch, *shape)
+
+    def train_step() -> None:
+        criterion(fast(x[:1], y[:1]), x[:1], y[:1]).total.backward()
+
+    train_flops = _flops(train_step)
+    fast.zero_grad(set_to_none=True)
+    infer_flops = _flops(lambda: fast.eval()(x[:1]))
+    peak = matmul_peak_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    result = BenchResult(batch, infer_batch, precision, rounds, train_flops, infer_flops, peak,
+                         PathResult(), PathResult())
+    for model in (fast, ref):  # warm-up: first calls allocate and pick kernels
+        _train_rate(model, criterion, x, y, 1, precision)
+    for r in range(rounds):
+        for name, model, res in (("capsx", fast, result.fast), ("reference", ref, result.reference)):
+            res.train.append(_train_rate(model, criterion, x, y, steps, precision))
+            res.infer.append(_infer_rate(model, xi, precision))
+            progress(f"round {r + 1}/{rounds} {name}: train {res.train[-1]:.1f} img/s, "
+                     f"infer {res.infer[-1]:.1f} img/s")
+    for model, res in ((fast, result.fast), (ref, result.reference)):
+        def infer_once(m: nn.Module = model) -> None:
+            _infer_rate(m, xi, precision)
+
+        res.infer_peak_bytes = _peak_rss(infer_once)
+    return result
