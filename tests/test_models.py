@@ -123,3 +123,26 @@ def test_fast_capsnet_matches_the_plain_reference_in_outputs_and_gradients():
     (orf.scores.sum() + orf.reconstruction.sum()).backward()
     for (name, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.allclose(pf.grad, pr.grad, atol=1e-10), name
+
+
+def test_he_init_scales_hidden_layers_by_fan_in_and_leaves_the_output_layer():
+    torch.manual_seed(0)
+    model = build_model(MODELS.get("baseline_cnn")(channels=[64, 64], hidden=[256], init="he"), (1, 28, 28), 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    fan_in = 64 * 5 * 5
+    assert abs(convs[1].weight.std().item() - (2 / fan_in) ** 0.5) < 0.05 * (2 / fan_in) ** 0.5
+    assert convs[1].bias.abs().max() == 0
+    last = model.classifier[-1]
+    default = build_model(MODELS.get("baseline_cnn")(channels=[64, 64], hidden=[256]), (1, 28, 28), 10)
+    assert last.weight.std().item() < 1.5 * default.classifier[-1].weight.std().item()  # output layer untouched
+
+
+def test_chunked_inference_equals_whole_batch_routing():
+    from capsx.models.capsnet import ClassCaps
+
+    caps = ClassCaps(in_caps=50, in_dim=8, out_caps=4, out_dim=6, routing_iters=3, init_std=0.1)
+    u = torch.randn(ClassCaps.INFERENCE_CHUNK * 2 + 17, 50, 8) * 0.3
+    with torch.no_grad():
+        chunked = caps(u)
+        whole = dynamic_routing(caps.predictions(u), 3)
+    assert torch.allclose(chunked, whole, atol=1e-6)

@@ -51,8 +51,16 @@ class ClassCaps(nn.Module):
         """u (B, I, d) -> u_hat (B, I, J, D)."""
         return torch.einsum("ijDd,bid->bijD", self.weight, u)
 
+    INFERENCE_CHUNK = 256  # samples routed at once without autograd: bounds the (B, I, J, D) temporaries
+
     def forward(self, u: Tensor, trace: RoutingTrace | None = None) -> Tensor:
-        return dynamic_routing(self.predictions(u), self.routing_iters, trace)  # (B, J, D)
+        B = u.shape[0]
+        if torch.is_grad_enabled() or trace is not None or B <= self.INFERENCE_CHUNK:
+            return dynamic_routing(self.predictions(u), self.routing_iters, trace)  # (B, J, D)
+        # Routing is per sample, so chunks give the same result; u_hat for 1000 MNIST images
+        # would be 737 MB per copy, a chunk of 256 is 189 MB.
+        return torch.cat([dynamic_routing(self.predictions(part), self.routing_iters)
+                          for part in u.split(self.INFERENCE_CHUNK)])
 
 
 class CapsNet(nn.Module):

@@ -17,6 +17,7 @@ from capsx.models.layers import Activation, make_activation
 from capsx.models.output import ModelOutput
 
 PositiveInt = Annotated[int, Field(ge=1)]
+Init = Literal["torch", "he"]
 
 
 class ConvNet(nn.Module):
@@ -30,6 +31,7 @@ class ConvNet(nn.Module):
         hidden: tuple[int, ...],
         dropout: float,
         activation: Activation,
+        init: Init = "torch",
     ) -> None:
         super().__init__()
         C, H, W = input_shape
@@ -48,6 +50,17 @@ class ConvNet(nn.Module):
             width = h
         classifier += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
         self.classifier = nn.Sequential(*classifier)
+        if init == "he":
+            self._he_init(activation)
+
+    def _he_init(self, activation: Activation) -> None:
+        """He et al. (2015) initialisation for the layers followed by a rectifier: keeps the signal's
+        scale through a deep ReLU stack (PyTorch's default shrinks it layer by layer)."""
+        nonlinearity = {"relu": "relu", "leaky_relu": "leaky_relu"}.get(activation, "linear")
+        hidden = [m for m in self.modules() if isinstance(m, nn.Conv2d | nn.Linear)][:-1]  # not the output layer
+        for m in hidden:
+            nn.init.kaiming_normal_(m.weight, nonlinearity=nonlinearity)
+            nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> ModelOutput:
         return ModelOutput(scores=self.classifier(self.features(x)))  # logits (B, K)
@@ -60,6 +73,7 @@ class _ConvNetConfig(ModelConfig):
     hidden: list[PositiveInt]
     dropout: float = Field(0.5, ge=0, lt=1)
     activation: Activation = "relu"
+    init: Init = "torch"  # torch: PyTorch's defaults; he: He et al. normal init for the hidden layers
 
     def build(self, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         kw = self.kwargs()
