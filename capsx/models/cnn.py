@@ -56,11 +56,14 @@ class ConvNet(nn.Module):
     def _he_init(self, activation: Activation) -> None:
         """He et al. (2015) initialisation for the layers followed by a rectifier: keeps the signal's
         scale through a deep ReLU stack (PyTorch's default shrinks it layer by layer)."""
-        nonlinearity = {"relu": "relu", "leaky_relu": "leaky_relu"}.get(activation, "linear")
         hidden = [m for m in self.modules() if isinstance(m, nn.Conv2d | nn.Linear)][:-1]  # not the output layer
         for m in hidden:
-            nn.init.kaiming_normal_(m.weight, nonlinearity=nonlinearity)
-            nn.init.zeros_(m.bias)
+            if activation == "leaky_relu":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="leaky_relu")
+            else:  # relu, and the gain of 2 is also the usual choice for elu and swish
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> ModelOutput:
         return ModelOutput(scores=self.classifier(self.features(x)))  # logits (B, K)
