@@ -108,7 +108,7 @@ def test_memory_preflight_stops_a_batch_that_cannot_fit(tmp_path):
         pytest.skip("this platform's memory cannot be read (/proc)")
     assert 0.5 * 2**20 < est.per_image < 20 * 2**20  # a paper CapsNet image costs a few MiB in a step
     assert est.largest_batch() > 100
-    too_big = est.largest_batch() * 3
+    too_big = 10**6  # at least 0.5 MiB an image: half a terabyte
     recipe = recipe_from_dict(tiny_recipe(
         model={"name": "capsnet"}, data={"name": "shapes", "train_size": 16, "test_size": 8,
                                          "batch_size": too_big}), "t")
