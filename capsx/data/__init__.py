@@ -1,0 +1,28 @@
+"""Data sets: a registry of configs that each load into in-memory `ImageSet`s."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from capsx.data.batches import Batches, random_shift
+from capsx.data.config import DATASETS, AugmentConfig, DataConfig, register_dataset
+from capsx.data.imageset import DataSplits, ImageSet
+
+# Importing the data sets registers them.
+from capsx.data import mnist as _mnist  # noqa: E402,F401
+from capsx.data import shapes as _shapes  # noqa: E402,F401
+
+DEFAULT_DATA_ROOT = Path("data")
+
+
+def resolve_data_root(cli_root: str | None, recipe_root: str | None) -> Path:
+    """--data-root, else the recipe's data root, else $CAPSX_DATA, else ./data."""
+    for candidate in (cli_root, recipe_root, os.environ.get("CAPSX_DATA")):
+        if candidate:
+            return Path(candidate).expanduser()
+    return DEFAULT_DATA_ROOT
+
+
+__all__ = ["DATASETS", "AugmentConfig", "Batches", "DataConfig", "DataSplits", "ImageSet",
+           "random_shift", "register_dataset", "resolve_data_root"]

@@ -1,0 +1,112 @@
+"""`shapes`: a seeded, procedurally drawn data set that needs no download.
+
+Grey 28x28 images of six shapes at a random position, rotation and scale. The
+pose is kept beside the label (`extras["pose"]`: centre x, centre y in pixels,
+angle in radians, scale), which is what capsules are meant to capture.
+
+Each shape is a signed distance function in its own unit frame; a pixel's
+intensity is the shape's coverage, anti-aliased over one pixel.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from capsx.data.config import DataConfig, register_dataset
+from capsx.data.imageset import DataSplits, ImageSet
+
+SIZE = 28
+BASE_RADIUS = 9.0  # pixels from the centre to the shape's unit circle at scale 1
+EXTENT = 1.3  # the farthest any shape reaches in unit coordinates (the ell's corners: 1.28)
+MARGIN = 1.5  # pixels kept dark at the border (1, plus half a pixel of anti-aliasing)
+
+
+def _box(x: Tensor, y: Tensor, hx: float, hy: float, cx: float = 0.0, cy: float = 0.0) -> Tensor:
+    qx, qy = (x - cx).abs() - hx, (y - cy).abs() - hy
+    outside = torch.sqrt(qx.clamp(min=0) ** 2 + qy.clamp(min=0) ** 2)
+    return outside + torch.maximum(qx, qy).clamp(max=0)
+
+
+def _ellipse(x: Tensor, y: Tensor, a: float, b: float) -> Tensor:
+    # Not exact away from the curve, but exact in sign and close near it, which is all coverage needs.
+    return (torch.sqrt((x / a) ** 2 + (y / b) ** 2) - 1.0) * min(a, b)
+
+
+def _triangle(x: Tensor, y: Tensor) -> Tensor:
+    # Equilateral, circumradius 1: the largest signed distance to its three edges' lines.
+    inradius = 0.5
+    d = None
+    for k in range(3):
+        t = math.pi / 2 + 2 * math.pi * k / 3 + math.pi / 3  # outward normal of edge k
+        dk = x * math.cos(t) + y * math.sin(t) - inradius
+        d = dk if d is None else torch.maximum(d, dk)
+    assert d is not None
+    return d
+
+
+SHAPES = {
+    "rectangle": lambda x, y: _box(x, y, 1.0, 0.6),
+    "ellipse": lambda x, y: _ellipse(x, y, 1.0, 0.6),
+    "triangle": _triangle,
+    "cross": lambda x, y: torch.minimum(_box(x, y, 1.0, 0.28), _box(x, y, 0.28, 1.0)),
+    "ring": lambda x, y: (torch.sqrt(x * x + y * y) - 0.72).abs() - 0.22,
+    "ell": lambda x, y: torch.minimum(_box(x, y, 0.25, 1.0, cx=-0.55), _box(x, y, 0.8, 0.25, cy=0.75)),
+}
+SHAPE_NAMES = list(SHAPES)
+
+
+def draw_shapes(n: int, seed: int, min_scale: float, max_scale: float) -> ImageSet:
+    """n images with uniformly drawn class, scale, angle and (in-bounds) centre."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(len(SHAPES), (n,), generator=g)
+    scale = min_scale + (max_scale - min_scale) * torch.rand(n, generator=g)
+    angle = 2 * math.pi * torch.rand(n, generator=g)
+    room = (SIZE / 2 - MARGIN) - EXTENT * BASE_RADIUS * scale  # how far the centre may move and stay inside
+    cx = SIZE / 2 + room * (2 * torch.rand(n, generator=g) - 1)
+    cy = SIZE / 2 + room * (2 * torch.rand(n, generator=g) - 1)
+
+    coords = torch.arange(SIZE, dtype=torch.float32) + 0.5  # pixel centres
+    py, px = torch.meshgrid(coords, coords, indexing="ij")  # (H, W)
+    dx = px - cx.view(-1, 1, 1)  # (N, H, W)
+    dy = py - cy.view(-1, 1, 1)
+    cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
+    unit = (BASE_RADIUS * scale).view(-1, 1, 1)
+    x = (cos * dx + sin * dy) / unit  # rotate by -angle into the shape's frame
+    y = (-sin * dx + cos * dy) / unit
+
+    dist = torch.empty(n, SIZE, SIZE)
+    for k, fn in enumerate(SHAPES.values()):
+        sel = labels == k
+        dist[sel] = fn(x[sel], y[sel])
+    coverage = (0.5 - dist * unit).clamp(0, 1)  # signed distance in pixels -> anti-aliased coverage
+    images = (coverage * 255).round().to(torch.uint8).unsqueeze(1)  # (N, 1, H, W)
+    pose = torch.stack([cx, cy, angle, scale], dim=1)
+    return ImageSet(images=images, labels=labels, extras={"pose": pose})
+
+
+@register_dataset
+class ShapesConfig(DataConfig):
+    """`data: {name: shapes}`: generated from `seed`, identical on every machine."""
+
+    name: Literal["shapes"] = "shapes"
+    train_size: int = Field(6000, ge=1)
+    test_size: int = Field(1000, ge=1)
+    seed: int = 0
+    min_scale: float = Field(0.55, gt=0, le=1)
+    max_scale: float = Field(1.0, gt=0, le=1)
+
+    input_shape: ClassVar[tuple[int, int, int]] = (1, SIZE, SIZE)
+    classes: ClassVar[list[str]] = SHAPE_NAMES
+
+    def load(self, root: Path) -> DataSplits:
+        return DataSplits(
+            train=draw_shapes(self.train_size, 2 * self.seed, self.min_scale, self.max_scale),
+            test=draw_shapes(self.test_size, 2 * self.seed + 1, self.min_scale, self.max_scale),
+            classes=self.classes,
+        )

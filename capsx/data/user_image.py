@@ -1,0 +1,57 @@
+"""A user's own picture turned into a model input the way MNIST digits were made:
+grey, light ink on black, the ink's bounding box scaled to 20/28 of the canvas
+and centred by its centre of mass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from capsx.errors import CapsxError
+
+INK_FRACTION = 20 / 28  # MNIST: digits fit a 20x20 box inside the 28x28 canvas
+
+
+def load_user_image(path: Path, input_shape: tuple[int, int, int]) -> Tensor:
+    """(1, C, H, W) float in [0, 1] for a model that takes `input_shape` inputs."""
+    C, H, W = input_shape
+    try:
+        with Image.open(path) as im:
+            im.load()
+            picture = im.convert("RGB" if C == 3 else "L")
+    except FileNotFoundError:
+        raise CapsxError(f"--image {path}: file not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise CapsxError(f"--image {path}: not an image file Pillow can read ({e})") from None
+    x = np.asarray(picture, dtype=np.float32) / 255.0
+    grey = x if x.ndim == 2 else x.mean(axis=2)
+    if np.median(grey) > 0.5:  # dark ink on a light page: invert to MNIST's light ink on black
+        x, grey = 1.0 - x, 1.0 - grey
+    ink = grey > 0.2
+    if not ink.any():
+        raise CapsxError(f"--image {path}: no ink found (the picture is blank)")
+    ys, xs = np.nonzero(ink)
+    x = x[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    # Scale the ink's box so its longer side fills INK_FRACTION of the canvas.
+    h, w = x.shape[:2]
+    s = INK_FRACTION * min(H, W) / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    pil = Image.fromarray((np.clip(x, 0, 1) * 255).astype(np.uint8))
+    small = np.asarray(pil.resize((nw, nh), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    # Centre by the centre of mass, as MNIST did.
+    mass = small if small.ndim == 2 else small.mean(axis=2)
+    total = mass.sum()
+    cy = (mass.sum(axis=1) * np.arange(nh)).sum() / total if total > 0 else nh / 2
+    cx = (mass.sum(axis=0) * np.arange(nw)).sum() / total if total > 0 else nw / 2
+    top = int(round(H / 2 - cy - 0.5))
+    left = int(round(W / 2 - cx - 0.5))
+    top, left = min(max(top, 0), H - nh), min(max(left, 0), W - nw)
+    canvas = np.zeros((H, W) if small.ndim == 2 else (H, W, 3), np.float32)
+    canvas[top:top + nh, left:left + nw] = small
+    t = torch.from_numpy(canvas)
+    t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+    return t.unsqueeze(0).clamp(0, 1)  # (1, C, H, W)
