@@ -46,7 +46,8 @@ def test_train_then_eval_into_a_real_mlflow_store(workdir, tiny_mnist):
     assert run.data.tags["capsx.model"] == "capsnet" and run.data.tags["capsx.data"] == "mnist"
     assert "capsx.device" in run.data.tags and "capsx.torch" in run.data.tags
     for key in ("train/loss", "train/margin_loss", "train/recon_loss", "train/acc", "test/error", "lr",
-                "time/epoch_s", "time/images_per_s"):
+                "time/epoch_s", "time/images_per_s", "time/data_wait_frac", "routing/delta_b_iter1",
+                "routing/delta_b_iter3"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2], key
     assert len(client.get_metric_history(run.info.run_id, "train/step_loss")) == 2 * 8 // 2  # 256/32 = 8 steps/epoch
