@@ -191,17 +191,15 @@ def run_reconstruct(t: Trained, *, count: int, misclassified: int, force_class: 
                  zip(preds, labels if labels is not None else preds, strict=True)]
         img = canvas.grid(tiles, cols, scale=2, marked=wrong + wrong)
         cells, colors = [], []
+        decoded_as = []
         for j in range(cols):
             p = t.classes[int(preds[j])]
             lab = t.classes[int(labels[j])] if labels is not None else "?"
-            r = t.classes[force_class] if force_class is not None else (lab if as_label else p)
             cells.append(f"L:{lab} P:{p}" + ("*" if wrong[j] else ""))
             colors.append(canvas.RED if wrong[j] else (0, 0, 0))
-        for j in range(cols):
-            r = (t.classes[force_class] if force_class is not None else
-                 (t.classes[int(labels[j])] if as_label and labels is not None else t.classes[int(preds[j])]))
-            cells.append(("P:" if force_class is not None else "R:") + r)
-            colors.append((0, 0, 0))
+            decoded_as.append(t.classes[force_class] if force_class is not None else (lab if as_label else p))
+        cells += [("P:" if force_class is not None else "R:") + r for r in decoded_as]
+        colors += [(0, 0, 0)] * cols
         img = canvas.label_grid(img, 2, cols, ["input", "decoded"], None, cell_labels=cells, label_colors=colors)
         t.publish(canvas.caption_above(img, [title]), name, key=key)
 

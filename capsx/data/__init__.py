@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from capsx.data.batches import Batches, random_shift
-from capsx.data.config import DATASETS, AugmentConfig, DataConfig, register_dataset
-from capsx.data.imageset import DataSplits, ImageSet
-
 # Importing the data sets registers them.
 from capsx.data import mnist as _mnist  # noqa: E402,F401
 from capsx.data import shapes as _shapes  # noqa: E402,F401
+from capsx.data.batches import Batches, random_shift
+from capsx.data.config import DATASETS, AugmentConfig, DataConfig, register_dataset
+from capsx.data.imageset import DataSplits, ImageSet
 
 DEFAULT_DATA_ROOT = Path("data")
 
