@@ -24,7 +24,7 @@ from capsx.engine import FitResult, Interrupted, Run, evaluate, fit, load_model
 from capsx.errors import CapsxError, RunError
 from capsx.metrics import EvalResult
 from capsx.recipe import Recipe
-from capsx.runs import RunInfo, ensure_writable, make_run_dir, read_run_info, resolve_checkpoint
+from capsx.runs import RunInfo, ensure_writable, make_run_dir, read_run_info, resolve_checkpoint, run_tracking_uri
 from capsx.tracking import NullTracker, Tracker, resolve_tracking_uri
 
 
@@ -145,7 +145,7 @@ def run_evaluation(ref: str, *, data_root: Path | None, tracking_uri: str | None
     console.print(per_class_table(result))
     console.print(confusion_table(result))
     if log and run_id:
-        uri = _run_tracking_uri(ckpt, tracking_uri, runs_dir)
+        uri = run_tracking_uri(ckpt, tracking_uri, runs_dir)
         if uri is None:
             console.print("[dim]not logged: the run was trained without tracking[/]")
         else:
@@ -157,15 +157,6 @@ def run_evaluation(ref: str, *, data_root: Path | None, tracking_uri: str | None
             tracker.log_dict(_confusion_dict(result), "eval/confusion_matrix.json")
             console.print(f"[dim]logged to run {run_id} at {uri}[/]")
     return result
-
-
-def _run_tracking_uri(ckpt: Path, cli_uri: str | None, runs_dir: Path) -> str | None:
-    run_json = ckpt.parent.parent / "run.json"
-    if cli_uri:
-        return cli_uri
-    if run_json.is_file():
-        return read_run_info(ckpt.parent.parent).tracking_uri
-    return resolve_tracking_uri(None, None, runs_dir)
 
 
 def _confusion_dict(result: EvalResult) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from capsx.engine import load_model
 from capsx.errors import CapsxError
 from capsx.pictures import canvas, capsules, inside
 from capsx.recipe import Recipe
-from capsx.runs import read_run_info, resolve_checkpoint
-from capsx.tracking import Tracker, resolve_tracking_uri
+from capsx.runs import resolve_checkpoint, run_tracking_uri
+from capsx.tracking import Tracker
 
 
 @dataclass
@@ -85,8 +85,7 @@ def open_trained(run: str | None, checkpoint: Path | None, *, runs_dir: Path, tr
     out_dir = run_dir / "pictures" if in_run_dir else runs_dir / "_pictures" / (run_id or ckpt.stem)
     tracker = None
     if log and run_id:
-        uri = tracking_uri or (read_run_info(run_dir).tracking_uri if in_run_dir
-                               else resolve_tracking_uri(None, None, runs_dir))
+        uri = run_tracking_uri(ckpt, tracking_uri, runs_dir)
         if uri is not None:
             tracker = Tracker.attach(uri, run_id)
     root = resolve_data_root(str(data_root) if data_root else None, getattr(recipe.data, "root", None))

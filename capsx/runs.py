@@ -108,3 +108,16 @@ def resolve_checkpoint(ref: str, runs_dir: Path, tracking_uri: str | None, which
             return fetched
     raise CapsxError(f"no run or checkpoint {ref!r}: expected a checkpoint file, a run id found under "
                      f"{runs_dir}/ or in the tracking store, or 'latest'")
+
+
+def run_tracking_uri(checkpoint: Path, cli_uri: str | None, runs_dir: Path) -> str | None:
+    """The store a checkpoint's run logs to: --tracking-uri, else its run.json's (None: trained
+    with tracking off), else the default store for a checkpoint outside any run directory."""
+    if cli_uri:
+        return cli_uri
+    run_dir = checkpoint.parent.parent
+    if (run_dir / "run.json").is_file():
+        return read_run_info(run_dir).tracking_uri
+    from capsx.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(None, None, runs_dir)

@@ -108,8 +108,7 @@ def _store_errors(uri: str) -> Iterator[None]:
     except CapsxError:
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CapsxError(f"tracking store {uri}: {first} (check --tracking-uri / MLFLOW_TRACKING_URI, "
+        raise CapsxError(f"tracking store {uri}: {_first_line(e)} (check --tracking-uri / MLFLOW_TRACKING_URI, "
                          "or train with --no-track)") from None
 
 
