@@ -52,6 +52,7 @@ class BenchResult:
     matmul_peak_gflops: float
     fast: PathResult
     reference: PathResult
+    compile_seconds: float | None = None  # torch.compile's first training + inference call (--compile)
 
     def ratio(self, kind: str) -> float:
         fast, ref = getattr(self.fast, kind), getattr(self.reference, kind)
@@ -78,6 +79,7 @@ class BenchResult:
             "reference_peak_rss_mb": mb(self.reference.infer_peak_bytes),
             "train_speedup": round(self.ratio("train"), 2),
             "infer_speedup": round(self.ratio("infer"), 2),
+            "compile_seconds": None if self.compile_seconds is None else round(self.compile_seconds, 1),
         }
 
 
@@ -140,7 +142,7 @@ def _peak_rss(fn: Callable[[], object]) -> int | None:
 
 
 def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, steps: int, precision: str,
-              progress: Callable[[str], None] = lambda s: None) -> BenchResult:
+              compile: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
     if recipe.model.name != "capsnet":
         raise CapsxError(f"capsx bench compares CapsNet paths; recipe model is {recipe.model.name!r}")
     torch.manual_seed(0)  # on the CPU: the reference and the memory readings are CPU measurements
@@ -164,15 +166,22 @@ def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, step
     peak = matmul_peak_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
     result = BenchResult(batch, infer_batch, precision, rounds, train_flops, infer_flops, peak,
                          PathResult(), PathResult())
-    for model in (fast, ref):  # warm-up: first calls allocate and pick kernels
+    timed: nn.Module = fast
+    if compile:
+        timed = torch.compile(fast)  # type: ignore[assignment]
+        t = time.perf_counter()
+        _train_rate(timed, criterion, x, y, 1, precision)
+        _infer_rate(timed, xi, precision)
+        result.compile_seconds = time.perf_counter() - t
+    for model in (timed, ref):  # warm-up: first calls allocate and pick kernels
         _train_rate(model, criterion, x, y, 1, precision)
     for r in range(rounds):
-        for name, model, res in (("capsx", fast, result.fast), ("reference", ref, result.reference)):
+        for name, model, res in (("capsx", timed, result.fast), ("reference", ref, result.reference)):
             res.train.append(_train_rate(model, criterion, x, y, steps, precision))
             res.infer.append(_infer_rate(model, xi, precision))
             progress(f"round {r + 1}/{rounds} {name}: train {res.train[-1]:.1f} img/s, "
                      f"infer {res.infer[-1]:.1f} img/s")
-    for model, res in ((fast, result.fast), (ref, result.reference)):
+    for model, res in ((timed, result.fast), (ref, result.reference)):
         def infer_once(m: nn.Module = model) -> None:
             _infer_rate(m, xi, precision)
 

@@ -95,6 +95,9 @@ def train(
     tracking_uri: TrackingOpt = None,
     no_track: Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")] = False,
     runs_dir: RunsDirOpt = Path("runs"),
+    nproc: Annotated[int, typer.Option(
+        "--nproc", min=1, help="Train data-parallel in N processes on this machine (torchrun + DDP; gloo on "
+                               "CPU, NCCL on CUDA). data.batch_size is the global batch.")] = 1,
 ) -> None:
     """Train a recipe: progress bar, test evaluation every epoch, checkpoints, MLflow run."""
     from capsx.checkpoint import load_checkpoint
@@ -121,6 +124,24 @@ def train(
         loaded = load_recipe(recipe, changes)
     if print_config:
         typer.echo(loaded.to_yaml(), nl=False)  # plain, unwrapped: it is meant to be piped or saved
+        return
+    if nproc > 1:
+        from capsx import distributed
+
+        if distributed.in_worker():
+            raise CapsxError("--nproc starts the worker processes itself; under torchrun, leave it out")
+        if loaded.data.batch_size % nproc:
+            raise CapsxError(f"data.batch_size {loaded.data.batch_size} is the global batch and must divide "
+                             f"evenly over --nproc {nproc} processes")
+        args = ["train", *([str(recipe)] if recipe is not None else ["--resume", str(ckpt)])]
+        args += [a for c in changes for a in ("--set", c)]
+        args += ["--runs-dir", str(runs_dir)]
+        args += ["--data-root", str(data_root)] if data_root else []
+        args += ["--tracking-uri", tracking_uri] if tracking_uri else []
+        args += ["--no-track"] if no_track else []
+        code = distributed.launch(nproc, args)
+        if code:
+            raise typer.Exit(code)
         return
     from capsx.experiment import run_training
 
@@ -216,6 +237,8 @@ def bench(
     rounds: Annotated[int, typer.Option("--rounds", help="Alternating rounds of both paths.")] = 5,
     steps: Annotated[int, typer.Option("--steps", help="Training steps per round and path.")] = 3,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (autocast).")] = "fp32",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile capsx's model first "
+                                                           "(the compile time is reported apart).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log to MLflow, experiment 'bench'.")] = True,
     tracking_uri: TrackingOpt = None,
@@ -240,7 +263,7 @@ def bench(
     r = load_recipe(recipe)
     say = (lambda m: err_console.print(m, style="dim")) if as_json else (lambda m: console.print(m, style="dim"))
     res = run_bench(r, batch=batch, infer_batch=infer_batch, rounds=rounds, steps=steps, precision=precision,
-                    progress=say)
+                    compile=compile_, progress=say)
     out = res.as_json()
     if as_json:
         typer.echo(json.dumps(out))
@@ -267,13 +290,14 @@ def bench(
             ("achieved (capsx, training)", f"{out['gflops_achieved']:.0f} GFLOP/s"),
             ("matrix-product peak (same run)", f"{out['matmul_peak_gflops']:.0f} GFLOP/s"),
             ("share of the peak", f"{out['percent_of_matmul_peak']:.0f}%"),
+            *([("torch.compile (first calls)", f"{res.compile_seconds:.1f} s")] if res.compile_seconds else []),
         ]))
     if track:
         uri = resolve_tracking_uri(tracking_uri, None, runs_dir)
         tracker = Tracker.start(uri, "bench", tags={"capsx.recipe": r.name, "capsx.host": platform.node(),
                                                    "capsx.torch": torch.__version__})
         tracker.log_params({"batch": batch, "infer_batch": infer_batch, "precision": precision, "rounds": rounds,
-                            "threads": torch.get_num_threads()})
+                            "threads": torch.get_num_threads(), "compile": compile_})
         tracker.log_metrics({k: float(v) for k, v in out.items() if isinstance(v, int | float)}, step=0)
         tracker.end()
 
@@ -493,24 +517,59 @@ def ui(
     port: Annotated[int, typer.Option(help="Port of the web UI.")] = 5000,
 ) -> None:
     """Open the MLflow UI on the same store `train` logs to."""
-    from capsx.console import console
     from capsx.tracking import local_store_dir, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri, None, runs_dir)
-    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    args = ["ui", "--backend-store-uri", uri]
     store = local_store_dir(uri)
     if store is not None:
-        cmd += ["--default-artifact-root", (store / "artifacts").resolve().as_uri()]
+        args += ["--default-artifact-root", (store / "artifacts").resolve().as_uri()]
+    _become_mlflow(args, host, port, f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C to stop)",
+                   env={"MLFLOW_TRACKING_URI": uri})
+
+
+@app.command()
+@handles_errors
+def server(
+    store: Annotated[Path, typer.Option(
+        help="Folder of the server's SQLite database (mlflow.db) and artifacts (artifacts/).")] = Path("runs/server"),
+    backend_store_uri: Annotated[str | None, typer.Option(
+        help="Any MLflow backend store instead (e.g. postgresql://user@host/db); artifacts stay in --store.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 shares it with the network "
+                                           "(MLflow has no login by default: only on a trusted network).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the server (UI and REST API).")] = 5000,
+    allowed_hosts: Annotated[str | None, typer.Option(
+        help="Host names clients may use to reach it, e.g. 'gpu-box.lan:5000' (MLflow refuses other hosts' "
+             "requests by default).")] = None,
+) -> None:
+    """Start a shared MLflow tracking server; point runs at it with --tracking-uri http://HOST:PORT."""
+    store.mkdir(parents=True, exist_ok=True)
+    backend = backend_store_uri or f"sqlite:///{(store / 'mlflow.db').resolve()}"
+    artifacts = (store / "artifacts").resolve()
+    args = ["server", "--backend-store-uri", backend, "--artifacts-destination", str(artifacts)]
+    args += ["--allowed-hosts", allowed_hosts] if allowed_hosts else []
+    reach = socket.gethostname() if host == "0.0.0.0" else host
+    _become_mlflow(args, host, port, f"MLflow tracking server at http://{reach}:{port} (store {backend}, "
+                                     f"artifacts {artifacts}); train against it with: capsx train RECIPE "
+                                     f"--tracking-uri http://{reach}:{port}   (Ctrl-C to stop)", env={})
+
+
+def _become_mlflow(args: list[str], host: str, port: int, banner: str, env: dict[str, str]) -> None:
+    """Replace this process by `mlflow ARGS --host --port`: Ctrl-C and SIGTERM then reach it (and its
+    web server) directly, as if the user had typed the mlflow command."""
+    from capsx.console import console
+
     with socket.socket() as s:
-        if s.connect_ex((host, port)) == 0:
+        if s.connect_ex(("127.0.0.1" if host == "0.0.0.0" else host, port)) == 0:
             raise CapsxError(f"port {port} on {host} is already in use; pass --port")
-    console.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C to stop)", soft_wrap=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    # MLflow 3 also starts a pool of job workers (for GenAI evaluation jobs); browsing runs needs none.
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    console.print(banner, soft_wrap=True)
+    full_env = {**os.environ, **env}
+    # MLflow 3 also starts a pool of job workers (for GenAI evaluation jobs); tracking needs none.
+    full_env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     sys.stdout.flush()
-    os.execve(mlflow_bin, cmd, env)  # become mlflow: Ctrl-C and SIGTERM reach it (and its server) directly
+    os.execve(mlflow_bin, [mlflow_bin, *args, "--host", host, "--port", str(port)], full_env)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ continues exactly as if it had not stopped.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,11 +18,13 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from capsx import memory
 from capsx.checkpoint import save_checkpoint
 from capsx.data import Batches, DataSplits
 from capsx.device import autocast, eval_mode
+from capsx.distributed import SINGLE, Group
 from capsx.errors import CapsxError, RunError
 from capsx.interrupt import StopRequest
 from capsx.losses import LossTerms
@@ -50,6 +53,7 @@ class QuietReporter:
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None: ...
     def step(self, totals: EpochTotals, lr: float) -> None: ...
     def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
 
 
 class Criterion(Protocol):
@@ -78,6 +82,13 @@ class EpochTotals:
         self.images += n
         self.steps += 1
         return loss
+
+    def reduced(self, group: Group) -> EpochTotals:
+        """The sums over every process (time is this process's: they run in step)."""
+        names = sorted(self.sums)
+        values = group.sum_floats([self.images, self.correct, *(self.sums[k] for k in names)])
+        return EpochTotals(self.steps, int(values[0]), int(values[1]), dict(zip(names, values[2:], strict=True)),
+                           self.seconds, self.data_seconds)
 
     def mean(self, name: str) -> float:
         return self.sums.get(name, 0.0) / max(1, self.images)
@@ -137,6 +148,7 @@ class Run:
     run_dir: Path
     tracker: Tracker
     reporter: Reporter = field(default_factory=QuietReporter)
+    group: Group = SINGLE  # the processes training together (one, unless under torchrun)
 
 
 def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
@@ -148,6 +160,7 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
     torch.manual_seed(cfg.seed)
     data_cfg = recipe.data
     splits = splits if splits is not None else data_cfg.load_splits(run.data_root)
+    group = run.group
     model = build_model(recipe.model, data_cfg.input_shape, len(data_cfg.classes)).to(run.device)
     criterion: Criterion = recipe.loss_config
     optimizer = build_optimizer(model.parameters(), recipe.optimizer)
@@ -160,25 +173,42 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         state = TrainState.from_dict(resume["state"])
-        _set_rng_state(resume["rng"])
+        per_rank = resume.get("rng_ranks")
+        _set_rng_state(per_rank[group.rank] if per_rank and len(per_rank) == group.world else resume["rng"])
 
+    if data_cfg.batch_size % group.world:
+        raise CapsxError(f"data.batch_size {data_cfg.batch_size} is the global batch and must divide evenly "
+                         f"over {group.world} processes")
+    local_batch = data_cfg.batch_size // group.world
     check_memory(model, criterion, data_cfg.input_shape, recipe.optimizer.name, run.device,
-                  min(data_cfg.batch_size, len(splits.train)))
+                 min(local_batch, len(splits.train)))
     train_batches = Batches(splits.train.to(run.device), data_cfg.batch_size, shuffle=True, seed=cfg.seed,
-                            shift=data_cfg.augment.shift, max_steps=cfg.max_steps_per_epoch)
-    test_batches = Batches(splits.test.to(run.device), data_cfg.eval_batch_size)
+                            shift=data_cfg.augment.shift, max_steps=cfg.max_steps_per_epoch,
+                            rank=group.rank, world=group.world)
+    test_batches = Batches(splits.test.to(run.device), data_cfg.eval_batch_size, rank=group.rank,
+                           world=group.world)
+    net: nn.Module = model  # what the training step calls: the model, or DDP / torch.compile around it
+    if group.active:
+        net = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
     total_steps = len(train_batches) * cfg.epochs
 
     def lr_at(step: int) -> float:
         return recipe.optimizer.lr * lr_factor(recipe.schedule, step, total_steps)
 
     def checkpoint(name: str, resumable: bool = True) -> Path:
-        """last.pt holds all a resume needs; best.pt only the weights (for eval, pictures, MLflow)."""
+        """last.pt holds all a resume needs; best.pt only the weights (for eval, pictures, MLflow).
+        Every process calls it (the RNG states are gathered); rank 0 writes."""
+        path = run.run_dir / "checkpoints" / name
         payload = {"recipe": recipe.to_dict(), "run_id": run.tracker.run_id, "model": model.state_dict(),
                    "state": state.to_dict()}
         if resumable:
-            payload.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=_get_rng_state())
-        return save_checkpoint(run.run_dir / "checkpoints" / name, payload)
+            rng = group.gather(_get_rng_state())
+            payload.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng[0])
+            if group.active:
+                payload["rng_ranks"] = rng
+        return save_checkpoint(path, payload) if group.is_main else path
 
     last_path: Path | None = None
     best_path: Path | None = None
@@ -187,17 +217,17 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
     with StopRequest() as stop:
         while state.epoch < cfg.epochs:
             run.reporter.epoch_start(state.epoch, cfg.epochs, len(train_batches), state.epoch_step)
-            done = train_one_epoch(model, train_batches, criterion, optimizer, scaler, state, lr_at,
-                                   precision=cfg.precision, device=run.device, stop=stop,
+            done = train_one_epoch(net, train_batches, criterion, optimizer, scaler, state, lr_at,
+                                   precision=cfg.precision, device=run.device,
+                                   should_stop=lambda: group.any(stop.requested),
                                    reporter=run.reporter, tracker=run.tracker, log_every=cfg.log_every,
-                                   last_good=last_path)
-            if not done:
-                assert stop.signal is not None
-                raise Interrupted(stop.signal, checkpoint("last.pt"), state)
+                                   last_good=last_path, group=group)
+            if not done:  # every process stops after the same step; one that got no signal was told by another
+                raise Interrupted(stop.signal or signal.SIGTERM, checkpoint("last.pt"), state)
 
             final = evaluate(model, test_batches, criterion, precision=cfg.precision, device=run.device,
-                             classes=splits.classes)
-            totals = state.totals
+                             classes=splits.classes, group=group)
+            totals = state.totals.reduced(group)
             metrics = {
                 "train/loss": totals.mean("loss"),
                 **{f"train/{k}": totals.mean(k) for k in totals.sums if k != "loss"},
@@ -207,7 +237,7 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
                 "time/epoch_s": totals.seconds,
                 "time/images_per_s": totals.images_per_s,
                 "time/data_wait_frac": totals.data_seconds / max(1e-9, totals.seconds),
-                **model_diagnostics(model, test_batches.data.images[:DIAGNOSTIC_IMAGES]),
+                **(model_diagnostics(model, test_batches.data.images[:DIAGNOSTIC_IMAGES]) if group.is_main else {}),
             }
             epoch = state.epoch + 1  # metrics of epoch k are logged at step k
             run.tracker.log_metrics(metrics, step=epoch)
@@ -244,13 +274,15 @@ def train_one_epoch(
     *,
     precision: str,
     device: torch.device,
-    stop: StopRequest,
+    should_stop: Any,
     reporter: Reporter,
     tracker: Tracker,
     log_every: int,
     last_good: Path | None,
+    group: Group = SINGLE,
 ) -> bool:
-    """Train from `state.epoch_step` to the end of `state.epoch`. False if a stop was requested."""
+    """Train from `state.epoch_step` to the end of `state.epoch`. False if a stop was requested
+    (`should_stop()` is asked after every step, by every process)."""
     model.train()
     totals = state.totals
     batch_iter = batches.epoch(state.epoch, start_step=state.epoch_step)
@@ -281,15 +313,17 @@ def train_one_epoch(
         totals.seconds += t2 - t0
         totals.data_seconds += t1 - t0
         if state.global_step % log_every == 0:
-            tracker.log_metrics({"train/step_loss": loss, "train/step_lr": lr}, step=state.global_step)
+            mean_loss = group.sum_floats([loss])[0] / group.world  # the global batch's loss
+            tracker.log_metrics({"train/step_loss": mean_loss, "train/step_lr": lr}, step=state.global_step)
         reporter.step(totals, lr)
-        if stop.requested:
+        if should_stop():
             return False
 
 
 def evaluate(model: nn.Module, batches: Batches, criterion: Criterion, *, precision: str,
-             device: torch.device, classes: list[str]) -> EvalResult:
-    """Loss, error and confusion matrix over every batch (no augmentation, decoder masked by the prediction)."""
+             device: torch.device, classes: list[str], group: Group = SINGLE) -> EvalResult:
+    """Loss, error and confusion matrix over every batch (no augmentation, decoder masked by the prediction).
+    With several processes each evaluates its share and the sums are gathered."""
     sums: dict[str, float] = {}
     labels_all, preds_all = [], []
     with eval_mode(model):
@@ -302,8 +336,14 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Criterion, *, precis
                 sums[name] = sums.get(name, 0.0) + per_sample.float().sum().item()
             labels_all.append(labels)
             preds_all.append(out.prediction)
-    n = sum(len(x) for x in labels_all)
-    confusion = confusion_matrix(torch.cat(labels_all), torch.cat(preds_all), len(classes))
+    K = len(classes)
+    confusion = (confusion_matrix(torch.cat(labels_all), torch.cat(preds_all), K) if labels_all
+                 else torch.zeros(K, K, dtype=torch.long))
+    if group.active:
+        confusion = group.sum(confusion)
+        names = sorted(sums)
+        sums = dict(zip(names, group.sum_floats([sums[k] for k in names]), strict=True))
+    n = int(confusion.sum())
     parts = {k: v / max(1, n) for k, v in sums.items() if k != "loss"}
     return EvalResult(loss=sums.get("loss", 0.0) / max(1, n), parts=parts, confusion=confusion, classes=classes)
 

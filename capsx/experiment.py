@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from capsx import __version__
+from capsx import __version__, distributed
 from capsx.checkpoint import load_checkpoint
 from capsx.console import ProgressReporter, confusion_table, console, key_value_table, per_class_table
 from capsx.data import Batches, resolve_data_root
 from capsx.device import autocast, describe_device, resolve_device
-from capsx.engine import FitResult, Interrupted, Run, evaluate, fit, load_model
+from capsx.distributed import Group
+from capsx.engine import FitResult, Interrupted, QuietReporter, Run, evaluate, fit, load_model
 from capsx.errors import CapsxError, RunError
 from capsx.metrics import EvalResult
 from capsx.recipe import Recipe
@@ -31,14 +32,30 @@ from capsx.tracking import NullTracker, Tracker, resolve_tracking_uri
 def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tracking_uri: str | None,
                  track: bool, runs_dir: Path, resume: dict[str, Any] | None = None,
                  resume_dir: Path | None = None) -> int:
-    """Train with tracking and reporting; returns the exit code (0, or 130/143 when interrupted)."""
-    device = resolve_device(recipe.device)
+    """Train with tracking and reporting; returns the exit code (0, or 130/143 when interrupted).
+    Under torchrun every process calls this; rank 0 alone tracks, prints and writes checkpoints."""
+    group, device = distributed.join(resolve_device(recipe.device))
+    if not group.is_main:
+        console.quiet = True
+    try:
+        return _train(recipe, group, device, recipe_path=recipe_path, data_root=data_root,
+                      tracking_uri=tracking_uri, track=track, runs_dir=runs_dir, resume=resume, resume_dir=resume_dir)
+    finally:
+        distributed.leave()
+
+
+def _train(recipe: Recipe, group: Group, device: torch.device, *, recipe_path: str, data_root: Path | None,
+           tracking_uri: str | None, track: bool, runs_dir: Path, resume: dict[str, Any] | None,
+           resume_dir: Path | None) -> int:
     autocast(device, recipe.train.precision)  # an impossible precision is an error now, not after set-up
     root = resolve_data_root(str(data_root) if data_root else None, getattr(recipe.data, "root", None))
     splits = recipe.data.load_splits(root)  # a missing or broken data set too: before any run exists
     experiment = recipe.tracking.experiment or recipe.name
     tracker: Tracker | NullTracker
-    if resume is not None:
+    if not group.is_main:  # the other processes only need to know which run they are part of
+        run_id, run_dir = group.broadcast(None)
+        tracker = NullTracker(run_id)
+    elif resume is not None:
         assert resume_dir is not None
         run_dir = resume_dir
         info = read_run_info(run_dir) if (run_dir / "run.json").is_file() else None
@@ -60,6 +77,11 @@ def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tr
         tracker.set_tags({"capsx.run_dir": str(run_dir.resolve())})
         tracker.log_params(recipe.to_dict())
         tracker.log_text(recipe.to_yaml(), "recipe.yaml")
+    if group.is_main:
+        group.broadcast((tracker.run_id, run_dir))
+        if group.active:
+            tracker.log_params({"distributed.processes": group.world,
+                                "distributed.batch_per_process": recipe.data.batch_size // group.world})
 
     if isinstance(tracker, Tracker):
         tracker.notify = lambda message: console.print(f"[yellow]{message}[/]", soft_wrap=True)
@@ -68,10 +90,10 @@ def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tr
                   f"{describe_device(device)}", soft_wrap=True)
     console.print(f"  run {tracker.run_id}  dir {run_dir}", soft_wrap=True)
     console.print(f"  tracking {tracker.uri}" if tracker.active else "  tracking off", soft_wrap=True)
-    reporter = ProgressReporter()
+    reporter: ProgressReporter | QuietReporter = ProgressReporter() if group.is_main else QuietReporter()
     try:
         result = fit(recipe, Run(device=device, data_root=root, run_dir=run_dir, tracker=tracker,
-                                 reporter=reporter), resume=resume, splits=splits)
+                                 reporter=reporter, group=group), resume=resume, splits=splits)
     except Interrupted as stop:
         reporter.close()
         name = signal.Signals(stop.signum).name
@@ -79,7 +101,8 @@ def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tr
                                               f"checkpoint {stop.checkpoint}")
         console.print(f"[yellow]interrupted[/] by {name} at epoch {stop.state.epoch + 1}, step "
                       f"{stop.state.global_step}; saved {stop.checkpoint}")
-        console.print(f"  continue with: capsx train --resume {tracker.run_id}")
+        nproc = f" --nproc {group.world}" if group.active else ""
+        console.print(f"  continue with: capsx train --resume {tracker.run_id}{nproc}")
         return 128 + stop.signum
     except RunError as e:
         reporter.close()

@@ -68,6 +68,7 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast mixed precision
     log_every: int = Field(50, ge=1)  # steps between train/step_loss points
     max_steps_per_epoch: int | None = Field(None, ge=1)  # cap an epoch's length (smoke runs)
+    compile: bool = False  # torch.compile the training step's model (see README: measured, not a default)
 
 
 class TrackingConfig(Section):

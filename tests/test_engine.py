@@ -120,3 +120,18 @@ def test_memory_preflight_stops_a_batch_that_cannot_fit(tmp_path):
     with pytest.raises(CapsxError, match=r"data.batch_size \d+: a training step needs about .* free; "
                                          r"the largest batch that fits is about \d+"):
         check_memory(engine_model, MarginLossConfig(), (1, 28, 28), "adam", torch.device("cpu"), too_big)
+
+
+def test_train_compile_trains_the_same_model_as_eager(tmp_path):
+    cnn = {"name": "convnet_small", "channels": [4], "hidden": [8], "dropout": 0.0}
+    small = {"name": "shapes", "train_size": 32, "test_size": 16, "batch_size": 16}
+    results = {}
+    for compiled in (False, True):
+        recipe = recipe_from_dict(tiny_recipe(model=cnn, data=small), "t", [f"train.compile={str(compiled).lower()}"])
+        run_dir = tmp_path / str(compiled)
+        run_dir.mkdir()
+        fit(recipe, _run(run_dir, _NoTracking()))
+        results[compiled] = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert results[True].keys() == results[False].keys()  # the plain model's names, no "_orig_mod." prefix
+    for k in results[False]:
+        torch.testing.assert_close(results[True][k], results[False][k], rtol=1e-4, atol=1e-5)

@@ -1,12 +1,9 @@
 """Tracking that survives its store: a real `mlflow server` stopped mid-run, an unreachable
 store at start, and two trainings writing one SQLite store at once."""
 
-import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,60 +17,14 @@ from capsx.engine import Run, fit
 from capsx.recipe import recipe_from_dict
 from capsx.tracking import BUFFER_FILE, Tracker
 from tests.conftest import tiny_recipe
+from tests.mlflow_server import Server, free_port
 
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend in `root`."""
-
-    def __init__(self, root: Path, port: int) -> None:
-        self.root, self.port = root, port
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert self.proc.poll() is None, "mlflow server exited"
-            assert time.time() < deadline, "mlflow server did not come up"
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
-        deadline = time.time() + 30
-        while time.time() < deadline:  # until the port is really closed
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) != 0:
-                    return
-            time.sleep(0.2)
-
-
 @pytest.fixture
 def server(tmp_path):
-    srv = Server(tmp_path, _free_port())
+    srv = Server(tmp_path / "server", free_port())
     srv.start()
     yield srv
     srv.stop()
@@ -124,7 +75,7 @@ def test_a_server_that_dies_mid_run_loses_nothing(tmp_path, server, monkeypatch)
 def test_sync_says_when_there_is_nothing_or_the_store_is_still_down(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    port = _free_port()
+    port = free_port()
     (run_dir / "run.json").write_text(f'{{"run_id": "abc", "experiment": "e", "recipe": "r", '
                                       f'"tracking_uri": "http://127.0.0.1:{port}", "started": 0}}')
     res = CliRunner().invoke(app, ["sync", str(run_dir)])
@@ -140,7 +91,7 @@ def test_an_unreachable_store_at_start_is_a_clear_error_before_training(workdir)
     recipe = workdir / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe()))
     t = time.time()
-    res = CliRunner().invoke(app, ["train", str(recipe), "--tracking-uri", f"http://127.0.0.1:{_free_port()}"])
+    res = CliRunner().invoke(app, ["train", str(recipe), "--tracking-uri", f"http://127.0.0.1:{free_port()}"])
     assert res.exit_code == 2, res.output
     assert res.output.startswith("error: tracking store http://127.0.0.1:") and "--no-track" in res.output
     assert not list(workdir.glob("runs/*/*/checkpoints/*.pt"))  # nothing trained

@@ -3,6 +3,10 @@
 Both the epoch's order and each batch's shifts come from generators seeded by
 (seed, epoch, step), so an epoch can be restarted at any step and produce the
 same batches: that is what makes resume exact.
+
+The order is torch's `DistributedSampler`'s, also with one process: with N
+processes, rank r's batch at each step is every N-th image of the one-process
+batch (and gets the same shifts), so N processes see exactly the data one does.
 """
 
 from __future__ import annotations
@@ -12,16 +16,27 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 from capsx.data.imageset import ImageSet
 
 
 def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
     """Shift each image (B, C, H, W) by its own random (dx, dy) in [-max_shift, max_shift], zero padded."""
+    return shift_by(images, shift_offsets(len(images), max_shift, generator), max_shift)
+
+
+def shift_offsets(count: int, max_shift: int, generator: torch.Generator) -> Tensor:
+    """(2, count) random offsets into the padded image, each in [0, 2 * max_shift]."""
+    return torch.randint(0, 2 * max_shift + 1, (2, count), generator=generator, device=generator.device)
+
+
+def shift_by(images: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
+    """Crop each zero-padded image at its own (row, column) offset: a shift by offset - max_shift."""
     B, C, H, W = images.shape
     m = max_shift
     padded = F.pad(images, (m, m, m, m))  # (B, C, H+2m, W+2m)
-    offsets = torch.randint(0, 2 * m + 1, (2, B), generator=generator, device=generator.device).to(images.device)
+    offsets = offsets.to(images.device)
     rows = (offsets[0].view(B, 1) + torch.arange(H, device=images.device)).view(B, 1, H, 1)
     cols = (offsets[1].view(B, 1) + torch.arange(W, device=images.device)).view(B, 1, 1, W)
     batch = torch.arange(B, device=images.device).view(B, 1, 1, 1)
@@ -38,38 +53,60 @@ def _seed(*parts: int) -> int:
 
 
 class Batches:
-    """Iterates (images float in [0, 1], labels) batches of an `ImageSet` already on its device."""
+    """Iterates (images float in [0, 1], labels) batches of an `ImageSet` already on its device.
+
+    `batch_size` is the global batch; with `world` processes this one (`rank`) yields its share of it.
+    Shuffled (training) batches follow `DistributedSampler`; unshuffled (evaluation) ones take every
+    `world`-th image without padding, so each test image is counted exactly once over the processes.
+    """
 
     def __init__(self, data: ImageSet, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                 shift: int = 0, max_steps: int | None = None) -> None:
+                 shift: int = 0, max_steps: int | None = None, rank: int = 0, world: int = 1) -> None:
+        if shuffle and batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.shift = shift
         self.max_steps = max_steps
+        self.rank, self.world = rank, world
+        self.local_batch = batch_size // world if shuffle else batch_size
 
     @property
     def device(self) -> torch.device:
         return self.data.images.device
 
+    def _local_size(self) -> int:
+        n = len(self.data)
+        if self.shuffle:
+            return -(-n // self.world)  # DistributedSampler pads every rank to the same length
+        return len(range(self.rank, n, self.world))
+
     def __len__(self) -> int:
-        n = -(-len(self.data) // self.batch_size)
+        n = -(-self._local_size() // self.local_batch)
         return n if self.max_steps is None else min(n, self.max_steps)
 
     def order(self, epoch: int) -> Tensor:
+        """This process's indices for `epoch`, in the order it takes them."""
         if not self.shuffle:
-            return torch.arange(len(self.data), device=self.device)
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch))
-        return torch.randperm(len(self.data), generator=g).to(self.device)
+            return torch.arange(self.rank, len(self.data), self.world, device=self.device)
+        sampler: DistributedSampler[int] = DistributedSampler(
+            range(len(self.data)), num_replicas=self.world, rank=self.rank, shuffle=True,  # type: ignore[arg-type]
+            seed=_seed(self.seed))
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(sampler), dtype=torch.long).to(self.device)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """The batches of `epoch`, from `start_step` on."""
         order = self.order(epoch)
+        b = self.local_batch
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            idx = order[step * b:(step + 1) * b]
             images = self.data.images[idx]
             if self.shift > 0:
                 g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, step, 1))
-                images = random_shift(images, self.shift, g)
+                # the offsets of the whole global batch, of which this process's images are every world-th
+                offsets = shift_offsets(len(idx) * self.world, self.shift, g)[:, self.rank::self.world]
+                images = shift_by(images, offsets, self.shift)
             yield images.float().div_(255), self.data.labels[idx]

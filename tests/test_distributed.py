@@ -1,0 +1,96 @@
+"""Data-parallel training: N processes (torchrun + DDP, gloo on CPU) see exactly the data one process sees,
+end with the same weights, log one set of metrics, and resume exactly after Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from capsx.data import Batches, ImageSet
+from tests.conftest import tiny_recipe
+
+CAPSX = str(Path(sys.executable).with_name("capsx"))
+
+
+def _imageset(n: int) -> ImageSet:
+    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return ImageSet(images, torch.arange(n))
+
+
+def test_the_processes_batches_make_up_the_one_process_batch_with_the_same_shifts():
+    data = _imageset(96)
+    one = Batches(data, 16, shuffle=True, seed=3, shift=2)
+    two = [Batches(data, 16, shuffle=True, seed=3, shift=2, rank=r, world=2) for r in (0, 1)]
+    assert len(one) == len(two[0]) == len(two[1]) == 6
+    for epoch in (0, 1):
+        for (x, y), (x0, y0), (x1, y1) in zip(one.epoch(epoch), two[0].epoch(epoch), two[1].epoch(epoch),
+                                              strict=True):
+            assert len(y0) == len(y1) == 8
+            # rank r holds every 2nd image of the global batch, starting at r, shifted the same way
+            assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
+            assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
+    assert not torch.equal(one.order(0), one.order(1))  # reshuffled every epoch
+
+
+def test_sharded_evaluation_sees_every_test_image_once():
+    data = _imageset(25)
+    shards = [Batches(data, 4, rank=r, world=3) for r in range(3)]
+    seen = torch.cat([y for b in shards for _, y in b.epoch(0)])
+    assert sorted(seen.tolist()) == list(range(25))
+
+
+def _last_weights(run_dir_glob: Path) -> dict[str, torch.Tensor]:
+    (path,) = run_dir_glob.parent.glob(run_dir_glob.name + "/checkpoints/last.pt")
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_two_processes_match_one_and_resume_exactly_after_ctrl_c(workdir):
+    recipe = workdir / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(
+        data={"name": "shapes", "train_size": 960, "test_size": 48, "batch_size": 16, "augment": {"shift": 2}},
+        train={"epochs": 2, "seed": 0, "log_every": 25})))
+    env = {**os.environ, "COLUMNS": "200"}
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        res = subprocess.run([CAPSX, "train", str(recipe), *args], cwd=workdir, env=env, text=True,
+                             capture_output=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res
+
+    train("--nproc", "2", "--runs-dir", "two")
+    train("--runs-dir", "one", "--no-track")
+    two, one = _last_weights(workdir / "two/tiny/*"), _last_weights(workdir / "one/tiny/*")
+    for k in one:  # same global batches, gradients averaged over the two halves: the same steps
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+
+    client = MlflowClient(f"sqlite:///{workdir}/two/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])  # one run, not two
+    assert run.data.params["distributed.processes"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/error")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/step_loss")] == [25, 50, 75, 100]
+
+    # Ctrl-C at a terminal signals the whole process group: the launcher and both workers
+    proc = subprocess.Popen([CAPSX, "train", str(recipe), "--nproc", "2", "--runs-dir", "cut", "--no-track"],
+                            cwd=workdir, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 1/2 step" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, out
+    assert "interrupted by SIGINT" in out and "--nproc 2" in out and "Traceback" not in out, out
+    res = subprocess.run([CAPSX, "train", "--resume", "latest", "--nproc", "2", "--runs-dir", "cut", "--no-track"],
+                         cwd=workdir, env=env, text=True, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cut = _last_weights(workdir / "cut/tiny/*")
+    for k in two:
+        assert torch.equal(cut[k], two[k]), k

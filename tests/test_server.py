@@ -1,0 +1,58 @@
+"""A shared tracking server: `capsx server` for real, a training against it, and everything read back
+over MLflow's REST API (params, team tags, per-epoch metrics, an image, the checkpoint artifact)."""
+
+import io
+import urllib.request
+
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from capsx.cli import app
+from tests.conftest import tiny_recipe
+from tests.mlflow_server import Server, free_port, rest_get, rest_post
+
+
+def test_a_run_on_the_shared_server_reads_back_over_rest(workdir):
+    srv = Server(workdir / "server", free_port())
+    srv.start()
+    try:
+        recipe = workdir / "r.yaml"
+        recipe.write_text(yaml.safe_dump(tiny_recipe(train={"epochs": 2, "seed": 5})))
+        res = CliRunner().invoke(app, ["train", str(recipe), "--tracking-uri", srv.uri])
+        assert res.exit_code == 0, res.output
+        res = CliRunner().invoke(app, ["visualize", "filters", "--tracking-uri", srv.uri])
+        assert res.exit_code == 0, res.output
+
+        (exp,) = [e for e in rest_post(srv.uri, "experiments/search", {"max_results": 50})["experiments"]
+                  if e["name"] == "tiny"]
+        (run,) = rest_post(srv.uri, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        run_id = run["info"]["run_id"]
+        assert run["info"]["status"] == "FINISHED"
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params["model.name"] == "capsnet" and params["train.seed"] == "5"
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        for key in ("capsx.recipe", "capsx.data", "capsx.model", "capsx.device", "capsx.seed", "capsx.host"):
+            assert tags[key], key
+        assert tags["capsx.recipe"] == "tiny" and tags["capsx.data"] == "shapes" and tags["capsx.seed"] == "5"
+
+        history = rest_get(srv.uri, "metrics/get-history", run_id=run_id, metric_key="test/error")["metrics"]
+        assert sorted(m["step"] for m in history) == [1, 2]
+
+        def listing(path: str = "") -> list[dict]:
+            return rest_get(srv.uri, "artifacts/list", run_id=run_id, path=path).get("files", [])
+
+        top = {f["path"] for f in listing()}
+        assert {"checkpoints", "recipe.yaml", "images"} <= top, top
+        assert any("filters" in f["path"] and f["path"].endswith(".png") for f in listing("images")), listing("images")
+        (ckpt,) = listing("checkpoints")
+        assert ckpt["path"] == "checkpoints/best.pt"
+        url = f"{srv.uri}/get-artifact?path=checkpoints/best.pt&run_uuid={run_id}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            payload = torch.load(io.BytesIO(r.read()), weights_only=True)
+        assert payload["run_id"] == run_id
+        (local,) = workdir.glob(f"runs/tiny/{run_id}/checkpoints/best.pt")  # the very weights training wrote
+        saved = torch.load(local, weights_only=True)["model"]
+        assert all(torch.equal(payload["model"][k], saved[k]) for k in saved)
+    finally:
+        srv.stop()
