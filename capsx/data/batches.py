@@ -1,6 +1,6 @@
 """Batches from an in-memory `ImageSet`, shuffled and augmented on the device.
 
-Both the epoch's order and each batch's shifts come from generators seeded by
+Both the epoch's order and each batch's shifts and crops come from generators seeded by
 (seed, epoch, step), so an epoch can be restarted at any step and produce the
 same batches: that is what makes resume exact.
 """
@@ -29,6 +29,26 @@ def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> 
     return padded[batch, chan, rows, cols]
 
 
+def random_crop(images: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """A size x size window of each image (B, C, H, W), each at its own random position."""
+    B, C, H, W = images.shape
+    tops = torch.randint(0, H - size + 1, (B,), generator=generator, device=generator.device).to(images.device)
+    lefts = torch.randint(0, W - size + 1, (B,), generator=generator, device=generator.device).to(images.device)
+    window = torch.arange(size, device=images.device)
+    rows = (tops.view(B, 1) + window).view(B, 1, size, 1)
+    cols = (lefts.view(B, 1) + window).view(B, 1, 1, size)
+    batch = torch.arange(B, device=images.device).view(B, 1, 1, 1)
+    chan = torch.arange(C, device=images.device).view(1, C, 1, 1)
+    return images[batch, chan, rows, cols]  # (B, C, size, size)
+
+
+def center_crop(images: Tensor, size: int) -> Tensor:
+    """The central size x size window of every image (B, C, H, W); odd margins leave the extra pixel below/right."""
+    H, W = images.shape[-2:]
+    top, left = (H - size) // 2, (W - size) // 2
+    return images[..., top:top + size, left:left + size].contiguous()
+
+
 def _seed(*parts: int) -> int:
     """A 63-bit seed from a tuple of ints (stable across runs and machines)."""
     h = 1469598103934665603
@@ -41,12 +61,13 @@ class Batches:
     """Iterates (images float in [0, 1], labels) batches of an `ImageSet` already on its device."""
 
     def __init__(self, data: ImageSet, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                 shift: int = 0, max_steps: int | None = None) -> None:
+                 shift: int = 0, crop: int | None = None, max_steps: int | None = None) -> None:
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.shift = shift
+        self.crop = crop  # a random crop per image (training); the test split is centre-cropped at load
         self.max_steps = max_steps
 
     @property
@@ -72,4 +93,7 @@ class Batches:
             if self.shift > 0:
                 g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, step, 1))
                 images = random_shift(images, self.shift, g)
+            if self.crop is not None:
+                g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, step, 2))
+                images = random_crop(images, self.crop, g)
             yield images.float().div_(255), self.data.labels[idx]
