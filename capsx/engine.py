@@ -183,8 +183,8 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
     check_memory(model, criterion, data_cfg.input_shape, recipe.optimizer.name, run.device,
                  min(local_batch, len(splits.train)))
     train_batches = Batches(splits.train.to(run.device), data_cfg.batch_size, shuffle=True, seed=cfg.seed,
-                            shift=data_cfg.augment.shift, max_steps=cfg.max_steps_per_epoch,
-                            rank=group.rank, world=group.world)
+                            shift=data_cfg.augment.shift, crop=data_cfg.augment.crop,
+                            max_steps=cfg.max_steps_per_epoch, rank=group.rank, world=group.world)
     test_batches = Batches(splits.test.to(run.device), data_cfg.eval_batch_size, rank=group.rank,
                            world=group.world)
     net: nn.Module = model  # what the training step calls: the model, or DDP / torch.compile around it

@@ -303,7 +303,8 @@ def run_routing(t: Trained, *, index: int, image: Path | None) -> list[float]:
     lo, hi = float(weighted.min()), float(weighted.max())  # stretched: couplings often stay near 1/J
     tiles = [canvas.heat(((m - lo) / max(hi - lo, 1e-12)).cpu().numpy()) for m in weighted.flatten(0, 1)]
     img = canvas.grid(tiles, J, scale=10)
-    img = canvas.label_grid(img, iters, J, [f"iteration {r + 1}" for r in range(iters)], t.classes)
+    columns = t.classes + ["none of the above"] * (J - len(t.classes))  # the extra routed capsule, if any
+    img = canvas.label_grid(img, iters, J, [f"iteration {r + 1}" for r in range(iters)], columns)
     pred = int(t.model(x).prediction[0])
     img = canvas.caption_above(img, [f"coupling coefficients c_ij on {what} (predicted {t.classes[pred]}): at each "
                                      "grid position, the mean over capsule types weighted by |u_i|",

@@ -215,6 +215,8 @@ def describe_error(err: ValidationError) -> str:
         tag = value.get("name") if isinstance(value, dict) else value
         what = registry.kind if registry else section
         return f"{where}.name: unknown {what} {tag!r}; expected one of: {valid}"
+    if kind == "value_error":  # a section's own check across its fields: its message says it all
+        return f"{where}: {e['msg'].removeprefix('Value error, ')}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{where}: expected a mapping, got {_kind(value)}"
     return f"{where}: expected {_expected(kind, e.get('ctx', {}), e['msg'])}, got {_short(value)}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import pickle
 import struct
 from pathlib import Path
 
@@ -33,6 +35,90 @@ def write_mnist(root: Path, n_train: int = 256, n_test: int = 64, seed: int = 0)
             images[i, 2 + 2 * k: 5 + 2 * k, 4:24] = 255
         write_idx(raw / f"{split}-images-idx3-ubyte", images)
         write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+def _bar_images(rng: np.random.Generator, labels: np.ndarray, channels: int, size: int) -> np.ndarray:
+    """(N, C, size, size) uint8 noise with a bright horizontal bar whose row depends on the label:
+    something a tiny model can learn, in every channel, under any central crop of half the size."""
+    n = len(labels)
+    images = rng.integers(0, 40, (n, channels, size, size)).astype(np.uint8)
+    step = max(1, size // 2 // 10)
+    for i, k in enumerate(labels):
+        top = size // 4 + step * int(k)
+        images[i, :, top:top + step, size // 4: 3 * size // 4] = 255
+    return images
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar10(root: Path, n_per_batch: int = 20, n_test: int = 40, seed: int = 0) -> Path:
+    """root/cifar-10-batches-py/ as the Python version ships it: five pickled training batches and a test
+    batch, each {"batch_label", "labels", "data": (N, 3072) uint8 rows R then G then B, "filenames"},
+    and batches.meta {"label_names", "num_cases_per_batch", "num_vis"}."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_per_batch
+        labels = rng.integers(0, 10, n)
+        data = _bar_images(rng, labels, 3, 32).reshape(n, 3072)
+        batch = {"batch_label": f"{name} of 6", "labels": labels.tolist(), "data": data,
+                 "filenames": [f"img_{i}.png" for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {"label_names": CIFAR10_CLASSES, "num_cases_per_batch": n_per_batch, "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+def write_svhn(root: Path, n_train: int = 100, n_test: int = 40, seed: int = 0) -> Path:
+    """root/svhn/{train,test}_32x32.mat as SVHN ships them: X (32, 32, 3, N) uint8, y (N, 1) in 1..10
+    (10 is the digit 0)."""
+    from scipy.io import savemat
+
+    folder = root / "svhn"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        digits = rng.integers(0, 10, n)
+        images = _bar_images(rng, digits, 3, 32)  # (N, C, H, W)
+        y = np.where(digits == 0, 10, digits).astype(np.uint8).reshape(n, 1)
+        savemat(folder / f"{split}_32x32.mat", {"X": images.transpose(2, 3, 1, 0), "y": y})
+    return root
+
+
+NORB_PREFIX = {"train": "smallnorb-5x46789x9x18x6x2x96x96-training",
+               "test": "smallnorb-5x01235x9x18x6x2x96x96-testing"}
+
+
+def write_norb_matrix(path: Path, array: np.ndarray, gz: bool = False) -> None:
+    """NYU's binary matrix format: int32 magic (0x1E3D4C55 bytes, 0x1E3D4C54 int32), int32 ndim,
+    max(3, ndim) int32 sizes (unused ones are 1), then the data; all little-endian."""
+    magic = {np.dtype(np.uint8): 0x1E3D4C55, np.dtype(np.int32): 0x1E3D4C54}[array.dtype]
+    dims = list(array.shape) + [1] * (3 - array.ndim)
+    header = struct.pack(f"<ii{len(dims)}i", magic, array.ndim, *dims)
+    blob = header + array.astype(array.dtype.newbyteorder("<")).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        blob = gzip.compress(blob, compresslevel=1)
+    path.write_bytes(blob)
+
+
+def write_smallnorb(root: Path, n_train: int = 60, n_test: int = 30, seed: int = 0, gz: bool = False) -> Path:
+    """root/smallnorb/ with the six files: -dat (N, 2, 96, 96) uint8 stereo pairs, -cat (N,) int32
+    categories 0..4, -info (N, 4) int32 instance, elevation, azimuth, lighting."""
+    folder = root / "smallnorb"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        cat = rng.integers(0, 5, n).astype(np.int32)
+        dat = _bar_images(rng, cat * 2, 2, 96)  # rows 24 + 4k..: inside the central crop after the resize
+        info = np.stack([rng.integers(0, 10, n), rng.integers(0, 9, n), rng.integers(0, 18, n) * 2,
+                         rng.integers(0, 6, n)], axis=1).astype(np.int32)
+        for part, array in (("dat", dat), ("cat", cat), ("info", info)):
+            write_norb_matrix(folder / f"{NORB_PREFIX[split]}-{part}.mat", array, gz=gz)
     return root
 
 

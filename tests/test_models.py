@@ -108,15 +108,19 @@ def test_tiny_model_overfits_a_tiny_batch(name):
     assert terms.total.item() < 0.05
 
 
-def test_fast_capsnet_matches_the_plain_reference_in_outputs_and_gradients():
+@pytest.mark.parametrize("shape, extra", [((1, 28, 28), {}), ((3, 24, 24), {"none_of_the_above": True}),
+                                          ((2, 32, 32), {"primary_dim": 6, "class_dim": 8})],
+                         ids=["mnist", "cifar10-none-of-the-above", "smallnorb-stereo-6d-8d"])
+def test_fast_capsnet_matches_the_plain_reference_in_outputs_and_gradients(shape, extra):
     from capsx.models.reference import ReferenceCapsNet
 
-    kwargs = dict(SMALL["capsnet"])
-    fast = build_model(MODELS.get("capsnet")(**kwargs), (1, 28, 28), 10).double()
-    ref = ReferenceCapsNet((1, 28, 28), 10, **{**kwargs, "decoder_hidden": tuple(kwargs["decoder_hidden"])}).double()
+    kwargs = {**SMALL["capsnet"], **extra}
+    fast = build_model(MODELS.get("capsnet")(**kwargs), shape, 10).double()
+    ref = ReferenceCapsNet(shape, 10, **{**kwargs, "decoder_hidden": tuple(kwargs["decoder_hidden"])}).double()
     ref.load_state_dict(fast.state_dict())
-    x, y = torch.rand(3, 1, 28, 28, dtype=torch.double), torch.tensor([1, 5, 9])
+    x, y = torch.rand(3, *shape, dtype=torch.double), torch.tensor([1, 5, 9])
     of, orf = fast(x, y), ref(x, y)
+    assert of.capsules.shape[1] == 10 and of.reconstruction.shape == (3, *shape)
     assert torch.allclose(of.capsules, orf.capsules, atol=1e-12)
     assert torch.allclose(of.reconstruction, orf.reconstruction, atol=1e-12)
     (of.scores.sum() + of.reconstruction.sum()).backward()
@@ -146,3 +150,24 @@ def test_chunked_inference_equals_whole_batch_routing():
         chunked = caps(u)
         whole = dynamic_routing(caps.predictions(u), 3)
     assert torch.allclose(chunked, whole, atol=1e-6)
+
+
+def test_none_of_the_above_routes_but_is_not_a_class():
+    cfg = MODELS.get("capsnet")(**SMALL["capsnet"], none_of_the_above=True)
+    model: CapsNet = build_model(cfg, (3, 24, 24), 10).double()
+    caps = model.class_caps
+    assert caps.weight.shape[1] == 11  # ten classes and the extra capsule
+    assert model.decoder[0].in_features == 10 * 16  # the decoder never sees the extra capsule
+    x = torch.rand(4, 3, 24, 24, dtype=torch.double)
+    out = model(x, torch.tensor([0, 1, 2, 3]))
+    assert out.scores.shape == (4, 10) and out.capsules.shape == (4, 10, 16)
+    u = model.primary_caps(torch.relu(model.conv1(x)))
+    u_hat = caps.predictions(u)  # (B, I, 11, D)
+    # the classes are the first ten of routing over all eleven ...
+    assert torch.allclose(out.capsules, routing_reference(u_hat, 3)[:, :10], atol=1e-12)
+    # ... which is not routing over the ten alone: the extra capsule takes part in the softmax
+    assert not torch.allclose(out.capsules, routing_reference(u_hat[:, :, :10], 3), rtol=1e-3, atol=0)
+    # and it learns through routing although no loss term names it
+    from capsx.losses import MarginLossConfig
+    MarginLossConfig()(out, x, torch.tensor([0, 1, 2, 3])).total.backward()
+    assert caps.weight.grad[:, 10].abs().sum() > 0

@@ -209,3 +209,13 @@ def test_picture_commands_bad_input(trained, monkeypatch, args, words):
     assert res.output.startswith("error:") and len(res.output.strip().splitlines()) == 1, res.output
     for w in words:
         assert w in res.output, (w, res.output)
+
+
+def test_user_image_for_a_stereo_model_fills_both_views(tmp_path):
+    page = np.zeros((60, 60), np.uint8)
+    page[10:50, 25:35] = 255
+    Image.fromarray(page).save(tmp_path / "bar.png")
+    grey = load_user_image(tmp_path / "bar.png", (1, 32, 32))
+    stereo = load_user_image(tmp_path / "bar.png", (2, 32, 32))  # smallNORB's two cameras
+    assert stereo.shape == (1, 2, 32, 32)
+    assert torch.equal(stereo[:, 0], grey[:, 0]) and torch.equal(stereo[:, 1], grey[:, 0])

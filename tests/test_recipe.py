@@ -24,6 +24,32 @@ def test_every_shipped_recipe_loads_and_builds(path):
     assert again == recipe
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_opens_with_a_comment_header(path):
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("# ") and len(header) > 20, f"{path.name}: say what it is in a comment first"
+
+
+def test_paper_variant_recipes_hold_the_paper_settings():
+    def caps_input(stem):
+        r = load_recipe(REPO / "recipes" / f"{stem}.yaml")
+        model = build_model(r.model, r.data.input_shape, len(r.data.classes))
+        return r, model, r.data.input_shape
+
+    r, model, shape = caps_input("cifar10-capsnet")  # 24x24 patches, 64 primary types, none of the above, 3 iters
+    assert shape == (3, 24, 24) and r.model.primary_types == 64 and r.model.none_of_the_above
+    assert r.model.routing_iters == 3 and model.class_caps.weight.shape[1] == 11
+    r, model, shape = caps_input("svhn-capsnet")  # Conv1 64, 16 types of 6-D, 8-D final capsules
+    assert shape == (3, 32, 32) and model.conv1.out_channels == 64
+    assert (r.model.primary_types, r.model.primary_dim, r.model.class_dim) == (16, 6, 8)
+    r, model, shape = caps_input("smallnorb-capsnet")  # stereo 48x48, 32x32 crops, the MNIST architecture
+    assert shape == (2, 32, 32) and r.model.conv1_channels == 256 and r.model.primary_types == 32
+    for stem in ("cifar10", "svhn", "smallnorb", "fashion-mnist"):  # each has its CNN baseline on the same input
+        caps, cnn = (load_recipe(REPO / "recipes" / f"{stem}-{kind}.yaml") for kind in ("capsnet", "cnn"))
+        assert cnn.data.name == caps.data.name and cnn.data.input_shape == caps.data.input_shape
+        assert cnn.model.name in ("baseline_cnn", "convnet_small")
+
+
 def test_overrides_take_yaml_types_and_create_sections():
     r = recipe_from_dict(tiny_recipe(), "t.yaml", ["train.epochs=3", "optimizer.lr=2e-3", "model.decoder=false",
                                                   "model.decoder_hidden=[8, 16]", "schedule.name=cosine"])

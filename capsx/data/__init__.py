@@ -6,9 +6,13 @@ import os
 from pathlib import Path
 
 # Importing the data sets registers them.
+from capsx.data import cifar10 as _cifar10  # noqa: E402,F401
+from capsx.data import fashion_mnist as _fashion_mnist  # noqa: E402,F401
 from capsx.data import mnist as _mnist  # noqa: E402,F401
 from capsx.data import shapes as _shapes  # noqa: E402,F401
-from capsx.data.batches import Batches, random_shift
+from capsx.data import smallnorb as _smallnorb  # noqa: E402,F401
+from capsx.data import svhn as _svhn  # noqa: E402,F401
+from capsx.data.batches import Batches, center_crop, random_crop, random_shift
 from capsx.data.config import DATASETS, AugmentConfig, DataConfig, register_dataset
 from capsx.data.imageset import DataSplits, ImageSet
 
@@ -24,4 +28,4 @@ def resolve_data_root(cli_root: str | None, recipe_root: str | None) -> Path:
 
 
 __all__ = ["DATASETS", "AugmentConfig", "Batches", "DataConfig", "DataSplits", "ImageSet",
-           "random_shift", "register_dataset", "resolve_data_root"]
+           "center_crop", "random_crop", "random_shift", "register_dataset", "resolve_data_root"]

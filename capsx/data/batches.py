@@ -1,12 +1,13 @@
 """Batches from an in-memory `ImageSet`, shuffled and augmented on the device.
 
-Both the epoch's order and each batch's shifts come from generators seeded by
-(seed, epoch, step), so an epoch can be restarted at any step and produce the
-same batches: that is what makes resume exact.
+Both the epoch's order and each batch's shifts and crops come from generators
+seeded by (seed, epoch, step), so an epoch can be restarted at any step and
+produce the same batches: that is what makes resume exact.
 
 The order is torch's `DistributedSampler`'s, also with one process: with N
 processes, rank r's batch at each step is every N-th image of the one-process
-batch (and gets the same shifts), so N processes see exactly the data one does.
+batch (with the same shifts and crops), so N processes see exactly the data one
+does.
 """
 
 from __future__ import annotations
@@ -21,27 +22,46 @@ from torch.utils.data import DistributedSampler
 from capsx.data.imageset import ImageSet
 
 
-def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Shift each image (B, C, H, W) by its own random (dx, dy) in [-max_shift, max_shift], zero padded."""
-    return shift_by(images, shift_offsets(len(images), max_shift, generator), max_shift)
+def window_offsets(count: int, span_h: int, span_w: int, generator: torch.Generator) -> Tensor:
+    """(2, count) random window positions: rows in [0, span_h], columns in [0, span_w]."""
+    rows = torch.randint(0, span_h + 1, (count,), generator=generator, device=generator.device)
+    cols = torch.randint(0, span_w + 1, (count,), generator=generator, device=generator.device)
+    return torch.stack([rows, cols])
 
 
-def shift_offsets(count: int, max_shift: int, generator: torch.Generator) -> Tensor:
-    """(2, count) random offsets into the padded image, each in [0, 2 * max_shift]."""
-    return torch.randint(0, 2 * max_shift + 1, (2, count), generator=generator, device=generator.device)
+def take_windows(images: Tensor, offsets: Tensor, h: int, w: int) -> Tensor:
+    """The h x w window of each image (B, C, H, W) whose top-left corner is its own (row, column) offset."""
+    B, C = images.shape[:2]
+    offsets = offsets.to(images.device)
+    rows = (offsets[0].view(B, 1) + torch.arange(h, device=images.device)).view(B, 1, h, 1)
+    cols = (offsets[1].view(B, 1) + torch.arange(w, device=images.device)).view(B, 1, 1, w)
+    batch = torch.arange(B, device=images.device).view(B, 1, 1, 1)
+    chan = torch.arange(C, device=images.device).view(1, C, 1, 1)
+    return images[batch, chan, rows, cols]
 
 
 def shift_by(images: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
-    """Crop each zero-padded image at its own (row, column) offset: a shift by offset - max_shift."""
-    B, C, H, W = images.shape
+    """Shift each image by its offset - max_shift (offsets in [0, 2 * max_shift]), zero padded."""
     m = max_shift
-    padded = F.pad(images, (m, m, m, m))  # (B, C, H+2m, W+2m)
-    offsets = offsets.to(images.device)
-    rows = (offsets[0].view(B, 1) + torch.arange(H, device=images.device)).view(B, 1, H, 1)
-    cols = (offsets[1].view(B, 1) + torch.arange(W, device=images.device)).view(B, 1, 1, W)
-    batch = torch.arange(B, device=images.device).view(B, 1, 1, 1)
-    chan = torch.arange(C, device=images.device).view(1, C, 1, 1)
-    return padded[batch, chan, rows, cols]
+    return take_windows(F.pad(images, (m, m, m, m)), offsets, *images.shape[-2:])
+
+
+def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Shift each image (B, C, H, W) by its own random (dx, dy) in [-max_shift, max_shift], zero padded."""
+    return shift_by(images, window_offsets(len(images), 2 * max_shift, 2 * max_shift, generator), max_shift)
+
+
+def random_crop(images: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """A size x size window of each image (B, C, H, W), each at its own random position."""
+    H, W = images.shape[-2:]
+    return take_windows(images, window_offsets(len(images), H - size, W - size, generator), size, size)
+
+
+def center_crop(images: Tensor, size: int) -> Tensor:
+    """The central size x size window of every image (B, C, H, W); odd margins leave the extra pixel below/right."""
+    H, W = images.shape[-2:]
+    top, left = (H - size) // 2, (W - size) // 2
+    return images[..., top:top + size, left:left + size].contiguous()
 
 
 def _seed(*parts: int) -> int:
@@ -61,7 +81,8 @@ class Batches:
     """
 
     def __init__(self, data: ImageSet, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                 shift: int = 0, max_steps: int | None = None, rank: int = 0, world: int = 1) -> None:
+                 shift: int = 0, crop: int | None = None, max_steps: int | None = None, rank: int = 0,
+                 world: int = 1) -> None:
         if shuffle and batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
         self.data = data
@@ -69,6 +90,7 @@ class Batches:
         self.shuffle = shuffle
         self.seed = seed
         self.shift = shift
+        self.crop = crop  # a random crop per image (training); the test split is centre-cropped at load
         self.max_steps = max_steps
         self.rank, self.world = rank, world
         self.local_batch = batch_size // world if shuffle else batch_size
@@ -104,9 +126,16 @@ class Batches:
         for step in range(start_step, len(self)):
             idx = order[step * b:(step + 1) * b]
             images = self.data.images[idx]
+            # the random offsets of the whole global batch, of which this process's images are every world-th
+            share = slice(self.rank, None, self.world)
             if self.shift > 0:
                 g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, step, 1))
-                # the offsets of the whole global batch, of which this process's images are every world-th
-                offsets = shift_offsets(len(idx) * self.world, self.shift, g)[:, self.rank::self.world]
-                images = shift_by(images, offsets, self.shift)
+                span = 2 * self.shift
+                images = shift_by(images, window_offsets(len(idx) * self.world, span, span, g)[:, share],
+                                  self.shift)
+            if self.crop is not None:
+                g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, step, 2))
+                H, W = images.shape[-2:]
+                offsets = window_offsets(len(idx) * self.world, H - self.crop, W - self.crop, g)[:, share]
+                images = take_windows(images, offsets, self.crop, self.crop)
             yield images.float().div_(255), self.data.labels[idx]

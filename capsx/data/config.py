@@ -5,15 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from capsx.data.imageset import DataSplits
+from capsx.data.batches import center_crop
+from capsx.data.imageset import DataSplits, ImageSet
 from capsx.registry import Registry
 from capsx.schema import Section
 
 
 class AugmentConfig(Section):
     shift: int = Field(0, ge=0)  # random shift of up to this many pixels per image, zero padded (paper: 2)
+    # Square crops of this size: a random one per training image, the central one at test
+    # (paper: 24x24 for CIFAR-10, 32x32 of the 48x48 smallNORB images). The model sees crop x crop inputs.
+    crop: int | None = Field(None, ge=1)
 
 
 class DataConfig(Section):
@@ -26,20 +30,39 @@ class DataConfig(Section):
     test_subset: int | None = Field(None, ge=1)  # evaluate on a seeded random subset
     augment: AugmentConfig = AugmentConfig()
 
-    input_shape: ClassVar[tuple[int, int, int]]
+    image_shape: ClassVar[tuple[int, int, int]]  # (C, H, W) of the images as loaded
     classes: ClassVar[list[str]]
     needs_root: ClassVar[bool] = False  # read from disk (True) or generated (False)
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> DataConfig:
+        crop = self.augment.crop
+        _, H, W = self.image_shape
+        if crop is not None and crop > min(H, W):
+            raise ValueError(f"augment.crop {crop} is larger than {self.name}'s {H}x{W} images")
+        return self
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the model sees: the crop size when cropping, else the images' size."""
+        C, H, W = self.image_shape
+        crop = self.augment.crop
+        return (C, H, W) if crop is None else (C, crop, crop)
 
     def load(self, root: Path) -> DataSplits:
         raise NotImplementedError  # every registered subclass overrides it
 
     def load_splits(self, root: Path) -> DataSplits:
-        """`load`, then the subsets the recipe asks for."""
+        """`load`, then the subsets the recipe asks for, then the test split's central crop
+        (done once here, so evaluation and every picture command see what the model was built for)."""
         splits = self.load(root)
         if self.subset is not None:
             splits.train = splits.train.subset(self.subset)
         if self.test_subset is not None:
             splits.test = splits.test.subset(self.test_subset)
+        if self.augment.crop is not None:
+            t = splits.test
+            splits.test = ImageSet(center_crop(t.images, self.augment.crop), t.labels, t.extras)
         return splits
 
 

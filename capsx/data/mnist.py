@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 import torchvision
 
 from capsx.data.config import DataConfig, register_dataset
+from capsx.data.files import reading, require_files
 from capsx.data.imageset import DataSplits, ImageSet
 from capsx.errors import DataError
 
@@ -27,33 +28,28 @@ class MNISTConfig(DataConfig):
     root: str | None = None  # folder holding MNIST/raw/; relative to the recipe file
     download: bool = False  # fetch the files with torchvision when they are missing
 
-    input_shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
+    image_shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
     classes: ClassVar[list[str]] = [str(d) for d in range(10)]
     needs_root: ClassVar[bool] = True
 
     def load(self, root: Path) -> DataSplits:
-        raw = root / "MNIST" / "raw"
-        missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
-        if missing and not self.download:
-            raise DataError(
-                f"MNIST not found: expected {', '.join(missing)} in {raw} "
-                "(point CAPSX_DATA or --data-root at the folder holding MNIST/, "
-                "or add --set data.download=true to fetch it)"
-            )
-        return DataSplits(
-            train=_read_split(root, train=True, download=self.download),
-            test=_read_split(root, train=False, download=self.download),
-            classes=self.classes,
-        )
+        if not self.download:
+            require_files("MNIST", root / "MNIST" / "raw", MNIST_FILES, holder="MNIST/")
+        return read_idx_splits(torchvision.datasets.MNIST, root, self.download, self.classes)
 
 
-def _read_split(root: Path, train: bool, download: bool) -> ImageSet:
-    try:
-        ds = torchvision.datasets.MNIST(str(root), train=train, download=download)
-    except Exception as e:  # torchvision raises RuntimeError, ValueError, URLError, ...
-        split = "train" if train else "t10k"
-        raise DataError(f"MNIST {split} files in {root / 'MNIST' / 'raw'} could not be read: {e}") from None
+def read_idx_splits(dataset: type[torchvision.datasets.MNIST], root: Path, download: bool,
+                    classes: list[str]) -> DataSplits:
+    """Both splits of an MNIST-format data set (IDX files in root/<ClassName>/raw/), by torchvision's reader."""
+    return DataSplits(train=_read_split(dataset, root, train=True, download=download),
+                      test=_read_split(dataset, root, train=False, download=download), classes=classes)
+
+
+def _read_split(dataset: type[torchvision.datasets.MNIST], root: Path, train: bool, download: bool) -> ImageSet:
+    raw = root / dataset.__name__ / "raw"
+    with reading(f"{dataset.__name__} {'train' if train else 't10k'}", raw):
+        ds = dataset(str(root), train=train, download=download)
     if ds.data.dim() != 3 or len(ds.data) != len(ds.targets):
-        raise DataError(f"MNIST files in {root / 'MNIST' / 'raw'}: {len(ds.data)} images but "
+        raise DataError(f"{dataset.__name__} files in {raw}: {len(ds.data)} images but "
                         f"{len(ds.targets)} labels; expected the same number")
     return ImageSet(images=ds.data.unsqueeze(1).contiguous(), labels=ds.targets.long())

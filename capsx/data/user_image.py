@@ -54,4 +54,5 @@ def load_user_image(path: Path, input_shape: tuple[int, int, int]) -> Tensor:
     canvas[top:top + nh, left:left + nw] = small
     t = torch.from_numpy(canvas)
     t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+    t = t.expand(C, H, W) if t.shape[0] == 1 else t  # a grey picture for a stereo (2-channel) model: both views
     return t.unsqueeze(0).clamp(0, 1)  # (1, C, H, W)

@@ -4,6 +4,11 @@ MNIST layout: Conv1 256@9x9 ReLU (28 -> 20) -> PrimaryCaps 32 types of 8-D
 capsules @9x9 stride 2 (20 -> 6; 6*6*32 = 1152 capsules) -> DigitCaps 10 x 16-D
 by dynamic routing -> decoder 160 -> 512 -> 1024 -> 784 (sigmoid) from the
 masked DigitCaps. 8.2M parameters, 6.8M without the decoder.
+
+For CIFAR-10 the paper adds a "none of the above" capsule to the routing softmax:
+an extra output capsule that primary capsules can send their votes to (clutter
+the ten classes do not explain) but that is not a class: it is not scored, not in
+the margin loss and not decoded (`none_of_the_above: true`).
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class CapsNet(nn.Module):
         primary_stride: int = 2,
         class_dim: int = 16,
         routing_iters: int = 3,
+        none_of_the_above: bool = False,
         decoder: bool = True,
         decoder_hidden: tuple[int, ...] = (512, 1024),
         init_std: float = 0.01,
@@ -93,7 +99,8 @@ class CapsNet(nn.Module):
         if grid_h < 1 or grid_w < 1:
             raise ValueError(f"input {H}x{W} is too small for the conv kernels")
         self.primary_grid = (primary_types, grid_h, grid_w)
-        self.class_caps = ClassCaps(primary_types * grid_h * grid_w, primary_dim, num_classes, class_dim,
+        self.routed_caps = num_classes + int(none_of_the_above)  # the extra one routes, but is no class
+        self.class_caps = ClassCaps(primary_types * grid_h * grid_w, primary_dim, self.routed_caps, class_dim,
                                     routing_iters, init_std)
         self.decoder: nn.Sequential | None = None
         if decoder:
@@ -109,7 +116,8 @@ class CapsNet(nn.Module):
         """Images (B, C, H, W) -> class capsules v (B, K, D); `trace` records the routing."""
         h = F.relu(self.conv1(x))  # (B, 256, 20, 20)
         u = self.primary_caps(h)  # (B, 1152, 8)
-        return self.class_caps(u, trace)  # (B, 10, 16)
+        v = self.class_caps(u, trace)  # (B, 10 (+1 none of the above), 16)
+        return v[:, :self.num_classes]  # (B, 10, 16): the class capsules
 
     @torch.no_grad()
     def diagnostics(self, x: Tensor) -> dict[str, float]:
@@ -148,6 +156,7 @@ class CapsNetConfig(ModelConfig):
     primary_stride: int = Field(2, ge=1)
     class_dim: int = Field(16, ge=1)
     routing_iters: int = Field(3, ge=1)
+    none_of_the_above: bool = False  # an extra routed capsule that is not a class (paper, CIFAR-10)
     decoder: bool = True
     decoder_hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [512, 1024])
     init_std: float = Field(0.01, gt=0)

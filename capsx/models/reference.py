@@ -25,4 +25,5 @@ class ReferenceCapsNet(CapsNet):
         assert trace is None, "the reference path records no trace"
         u = self.primary_caps(F.relu(self.conv1(x)))  # (B, I, d)
         u_hat = predictions_reference(self.class_caps.weight, u)  # (B, I, J, D)
-        return routing_reference(u_hat, self.class_caps.routing_iters)  # (B, J, D)
+        v = routing_reference(u_hat, self.class_caps.routing_iters)  # (B, J, D), J = K (+1 none of the above)
+        return v[:, :self.num_classes]  # (B, K, D)
