@@ -7,8 +7,9 @@ from pathlib import Path
 
 # Importing the data sets registers them.
 from capsx.data import mnist as _mnist  # noqa: E402,F401
+from capsx.data import multimnist as _multimnist  # noqa: E402,F401
 from capsx.data import shapes as _shapes  # noqa: E402,F401
-from capsx.data.batches import Batches, random_shift
+from capsx.data.batches import Batch, Batches, random_shift
 from capsx.data.config import DATASETS, AugmentConfig, DataConfig, register_dataset
 from capsx.data.imageset import DataSplits, ImageSet
 
@@ -23,5 +24,5 @@ def resolve_data_root(cli_root: str | None, recipe_root: str | None) -> Path:
     return DEFAULT_DATA_ROOT
 
 
-__all__ = ["DATASETS", "AugmentConfig", "Batches", "DataConfig", "DataSplits", "ImageSet",
+__all__ = ["DATASETS", "AugmentConfig", "Batch", "Batches", "DataConfig", "DataSplits", "ImageSet",
            "random_shift", "register_dataset", "resolve_data_root"]

@@ -8,12 +8,13 @@ same batches: that is what makes resume exact.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from capsx.data.imageset import ImageSet
+from capsx.data.imageset import Examples, Order
 
 
 def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
@@ -37,10 +38,16 @@ def _seed(*parts: int) -> int:
     return h
 
 
-class Batches:
-    """Iterates (images float in [0, 1], labels) batches of an `ImageSet` already on its device."""
+class Batch(NamedTuple):
+    images: Tensor  # (B, C, H, W) float in [0, 1]: the model's input
+    labels: Tensor  # (B,), or (B, k) for k labelled objects per image
+    targets: Tensor  # what a reconstruction should match: `images` itself, or (B, k, C, H, W) each object alone
 
-    def __init__(self, data: ImageSet, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+
+class Batches:
+    """Iterates `Batch`es of an `ImageSet` (or a generated set) already on its device."""
+
+    def __init__(self, data: Examples, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  shift: int = 0, max_steps: int | None = None) -> None:
         self.data = data
         self.batch_size = batch_size
@@ -51,25 +58,26 @@ class Batches:
 
     @property
     def device(self) -> torch.device:
-        return self.data.images.device
+        return self.data.device
 
     def __len__(self) -> int:
         n = -(-len(self.data) // self.batch_size)
         return n if self.max_steps is None else min(n, self.max_steps)
 
-    def order(self, epoch: int) -> Tensor:
-        if not self.shuffle:
-            return torch.arange(len(self.data), device=self.device)
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch))
-        return torch.randperm(len(self.data), generator=g).to(self.device)
+    def order(self, epoch: int) -> Order | None:
+        """The epoch's order of examples; None: in order."""
+        return self.data.shuffled(_seed(self.seed, epoch)) if self.shuffle else None
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of `epoch`, from `start_step` on."""
         order = self.order(epoch)
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-            images = self.data.images[idx]
+            lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, len(self.data))
+            idx = order[lo:hi] if order is not None else torch.arange(lo, hi, device=self.device)
+            images, labels, sources = self.data.take(idx)
             if self.shift > 0:
+                assert sources is None, "shifting the input would leave its objects' images behind"
                 g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, step, 1))
                 images = random_shift(images, self.shift, g)
-            yield images.float().div_(255), self.data.labels[idx]
+            x = images.float().div_(255)
+            yield Batch(x, labels, x if sources is None else sources.float().div_(255))

@@ -29,6 +29,7 @@ class DataConfig(Section):
     input_shape: ClassVar[tuple[int, int, int]]
     classes: ClassVar[list[str]]
     needs_root: ClassVar[bool] = False  # read from disk (True) or generated (False)
+    objects: ClassVar[int] = 1  # labelled objects per image (MultiMNIST: 2)
 
     def load(self, root: Path) -> DataSplits:
         raise NotImplementedError  # every registered subclass overrides it

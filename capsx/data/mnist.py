@@ -32,19 +32,24 @@ class MNISTConfig(DataConfig):
     needs_root: ClassVar[bool] = True
 
     def load(self, root: Path) -> DataSplits:
-        raw = root / "MNIST" / "raw"
-        missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
-        if missing and not self.download:
-            raise DataError(
-                f"MNIST not found: expected {', '.join(missing)} in {raw} "
-                "(point CAPSX_DATA or --data-root at the folder holding MNIST/, "
-                "or add --set data.download=true to fetch it)"
-            )
-        return DataSplits(
-            train=_read_split(root, train=True, download=self.download),
-            test=_read_split(root, train=False, download=self.download),
-            classes=self.classes,
+        return read_mnist(root, self.download)
+
+
+def read_mnist(root: Path, download: bool = False) -> DataSplits:
+    """Both MNIST splits from `<root>/MNIST/raw/` (also the source of the data sets built from MNIST)."""
+    raw = root / "MNIST" / "raw"
+    missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
+    if missing and not download:
+        raise DataError(
+            f"MNIST not found: expected {', '.join(missing)} in {raw} "
+            "(point CAPSX_DATA or --data-root at the folder holding MNIST/, "
+            "or add --set data.download=true to fetch it)"
         )
+    return DataSplits(
+        train=_read_split(root, train=True, download=download),
+        test=_read_split(root, train=False, download=download),
+        classes=MNISTConfig.classes,
+    )
 
 
 def _read_split(root: Path, train: bool, download: bool) -> ImageSet:
