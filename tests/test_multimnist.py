@@ -249,7 +249,7 @@ def test_train_then_reconstruct_into_a_real_mlflow_store(workdir):
         assert len(client.get_metric_history(run.info.run_id, key)) == 1, key
 
     res = runner.invoke(app, ["eval", "latest", "--data-root", str(root)], catch_exceptions=False)
-    assert res.exit_code == 0 and "objects found" in res.output, res.output
+    assert res.exit_code == 0 and "objects found" in res.output and "digits" in res.output, res.output
     assert client.get_metric_history(run.info.run_id, "eval/object_acc")
 
     res = runner.invoke(app, ["reconstruct", "--count", "6", "--error-images", "40", "--misclassified", "3",
