@@ -192,7 +192,7 @@ def summary(
 
     r = load_recipe(recipe, [*(set_ or []), *(overrides or [])])
     shape, classes = r.data.input_shape, r.data.classes
-    model = build_model(r.model, shape, len(classes))
+    model = build_model(r.model, shape, len(classes), r.data.objects)
     s = summarize(model, shape)
     table = Table(title=f"{r.model.name} on {r.data.name} {'x'.join(map(str, shape))}", title_justify="left")
     table.add_column("layer")

@@ -81,9 +81,11 @@ def key_value_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
 
 
 def per_class_table(result: EvalResult) -> Table:
-    table = Table(title="per-class accuracy", title_justify="left")
+    per_object = result.whole is not None  # several digits per image: the rows count digits
+    table = Table(title="per-class accuracy" + (" (of the digits, each found or not)" if per_object else ""),
+                  title_justify="left")
     table.add_column("class")
-    table.add_column("images", justify="right")
+    table.add_column("digits" if per_object else "images", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("errors", justify="right")
     totals = result.confusion.sum(dim=1)

@@ -28,7 +28,7 @@ from capsx.distributed import SINGLE, Group
 from capsx.errors import CapsxError, RunError
 from capsx.interrupt import StopRequest
 from capsx.losses import LossTerms
-from capsx.metrics import EvalResult, confusion_matrix
+from capsx.metrics import EvalResult, all_right, predict
 from capsx.models import ModelOutput, build_model
 from capsx.optim import build_optimizer, lr_factor, set_lr
 from capsx.recipe import Recipe
@@ -57,7 +57,7 @@ class QuietReporter:
 
 
 class Criterion(Protocol):
-    def __call__(self, out: ModelOutput, images: torch.Tensor, labels: torch.Tensor) -> LossTerms: ...
+    def __call__(self, out: ModelOutput, targets: torch.Tensor, labels: torch.Tensor) -> LossTerms: ...
 
 
 @dataclass
@@ -78,7 +78,7 @@ class EpochTotals:
         self.sums["loss"] = self.sums.get("loss", 0.0) + loss * n
         for name, per_sample in terms.parts.items():
             self.sums[name] = self.sums.get(name, 0.0) + per_sample.detach().float().sum().item()
-        self.correct += int((out.prediction == labels).sum())
+        self.correct += int(all_right(labels, predict(out, labels)).sum())
         self.images += n
         self.steps += 1
         return loss
@@ -161,13 +161,14 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
     data_cfg = recipe.data
     splits = splits if splits is not None else data_cfg.load_splits(run.data_root)
     group = run.group
-    model = build_model(recipe.model, data_cfg.input_shape, len(data_cfg.classes)).to(run.device)
+    model = build_model(recipe.model, data_cfg.input_shape, len(data_cfg.classes), data_cfg.objects).to(run.device)
     criterion: Criterion = recipe.loss_config
     optimizer = build_optimizer(model.parameters(), recipe.optimizer)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
     state = TrainState()
     if resume is None:
-        run.tracker.log_params({"model.num_params": sum(p.numel() for p in model.parameters())})
+        run.tracker.log_params({"model.num_params": sum(p.numel() for p in model.parameters()),
+                                "data.train_examples": len(splits.train), "data.test_examples": len(splits.test)})
     else:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -181,7 +182,7 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
                          f"over {group.world} processes")
     local_batch = data_cfg.batch_size // group.world
     check_memory(model, criterion, data_cfg.input_shape, recipe.optimizer.name, run.device,
-                 min(local_batch, len(splits.train)))
+                 min(local_batch, len(splits.train)), data_cfg.objects)
     train_batches = Batches(splits.train.to(run.device), data_cfg.batch_size, shuffle=True, seed=cfg.seed,
                             shift=data_cfg.augment.shift, crop=data_cfg.augment.crop,
                             max_steps=cfg.max_steps_per_epoch, rank=group.rank, world=group.world)
@@ -237,7 +238,8 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
                 "time/epoch_s": totals.seconds,
                 "time/images_per_s": totals.images_per_s,
                 "time/data_wait_frac": totals.data_seconds / max(1e-9, totals.seconds),
-                **(model_diagnostics(model, test_batches.data.images[:DIAGNOSTIC_IMAGES]) if group.is_main else {}),
+                **(model_diagnostics(model, test_batches.data.head(DIAGNOSTIC_IMAGES).images) if group.is_main
+                   else {}),
             }
             epoch = state.epoch + 1  # metrics of epoch k are logged at step k
             run.tracker.log_metrics(metrics, step=epoch)
@@ -292,12 +294,12 @@ def train_one_epoch(
         t1 = time.perf_counter()
         if batch is None:
             return True
-        images, labels = batch
+        images, labels, targets = batch
         lr = lr_at(state.global_step)
         set_lr(optimizer, lr)
         with autocast(device, precision):
             out = model(images, labels)
-            terms = criterion(out, images, labels)
+            terms = criterion(out, targets, labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(terms.total).backward()
         scaler.step(optimizer)
@@ -327,31 +329,30 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Criterion, *, precis
     sums: dict[str, float] = {}
     labels_all, preds_all = [], []
     with eval_mode(model):
-        for images, labels in batches.epoch(0):
+        for images, labels, targets in batches.epoch(0):
             with autocast(device, precision):
                 out = model(images)
-                terms = criterion(out, images, labels)
+                terms = criterion(out, targets, labels)
             sums["loss"] = sums.get("loss", 0.0) + terms.total.item() * len(labels)
             for name, per_sample in terms.parts.items():
                 sums[name] = sums.get(name, 0.0) + per_sample.float().sum().item()
             labels_all.append(labels)
-            preds_all.append(out.prediction)
-    K = len(classes)
-    confusion = (confusion_matrix(torch.cat(labels_all), torch.cat(preds_all), K) if labels_all
-                 else torch.zeros(K, K, dtype=torch.long))
-    if group.active:
-        confusion = group.sum(confusion)
+            preds_all.append(predict(out, labels))
+    if group.active:  # every process's predictions (small: one or k labels per image)
+        labels_all = [t for part in group.gather([t.cpu() for t in labels_all]) for t in part]
+        preds_all = [t for part in group.gather([t.cpu() for t in preds_all]) for t in part]
         names = sorted(sums)
         sums = dict(zip(names, group.sum_floats([sums[k] for k in names]), strict=True))
-    n = int(confusion.sum())
+    n = sum(len(x) for x in labels_all)
     parts = {k: v / max(1, n) for k, v in sums.items() if k != "loss"}
-    return EvalResult(loss=sums.get("loss", 0.0) / max(1, n), parts=parts, confusion=confusion, classes=classes)
+    return EvalResult.from_predictions(sums.get("loss", 0.0) / max(1, n), parts, torch.cat(labels_all),
+                                       torch.cat(preds_all), classes)
 
 
 def check_memory(model: nn.Module, criterion: Criterion, input_shape: tuple[int, int, int], optimizer: str,
-                 device: torch.device, batch: int) -> None:
+                 device: torch.device, batch: int, objects: int = 1) -> None:
     """Stop before training if a step at `batch` will not fit the device, saying what would."""
-    est = memory.estimate(model, criterion, input_shape, optimizer, device)
+    est = memory.estimate(model, criterion, input_shape, optimizer, device, objects)
     if est is None or est.peak(batch) <= est.available:
         return
     fits = est.largest_batch()
@@ -391,7 +392,7 @@ def load_model(payload: dict[str, Any], device: torch.device) -> tuple[Recipe, n
     from capsx.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(payload["recipe"], source="checkpoint recipe")
-    model = build_model(recipe.model, recipe.data.input_shape, len(recipe.data.classes))
+    model = build_model(recipe.model, recipe.data.input_shape, len(recipe.data.classes), recipe.data.objects)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:

@@ -164,6 +164,8 @@ def run_evaluation(ref: str, *, data_root: Path | None, tracking_uri: str | None
         ("checkpoint", str(ckpt)), ("run", str(run_id)), ("epochs trained", str(epoch)),
         ("test images", f"{result.images:,}"), ("test error", f"{100 * result.error:.2f}%"),
         ("test accuracy", f"{100 * result.accuracy:.2f}%"), ("test loss", f"{result.loss:.4f}"),
+        *([("objects found", f"{100 * result.object_accuracy:.2f}% (an image is right only if all are)")]
+          if result.whole is not None else []),
     ]))
     console.print(per_class_table(result))
     console.print(confusion_table(result))

@@ -18,10 +18,16 @@ from capsx.data.user_image import load_user_image
 from capsx.device import resolve_device
 from capsx.engine import load_model
 from capsx.errors import CapsxError
+from capsx.losses import reconstruction_loss
+from capsx.metrics import all_right
+from capsx.models.capsnet import CapsNet
 from capsx.pictures import canvas, capsules, inside
 from capsx.recipe import Recipe
 from capsx.runs import resolve_checkpoint, run_tracking_uri
 from capsx.tracking import Tracker
+
+GENERATED_LIMIT = 10_000  # a generated test set can hold millions; pictures look at its start
+PAIR_COLOURS = (canvas.RED, canvas.GREEN)  # Fig. 5: each of the two decoded digits in its own colour
 
 
 @dataclass
@@ -42,12 +48,16 @@ class Trained:
     def classes(self) -> list[str]:
         return self.recipe.data.classes
 
+    @property
+    def objects(self) -> int:
+        return self.recipe.data.objects
+
     def test_set(self, limit: int | None = None) -> ImageSet:
+        """The first `limit` test examples (by default all, or the first GENERATED_LIMIT of a generated set)."""
         test = self.recipe.data.load_splits(self.data_root).test
-        if limit is not None and limit < len(test):
-            test = ImageSet(test.images[:limit], test.labels[:limit],
-                            {k: v[:limit] for k, v in test.extras.items()})
-        return test
+        if limit is None:
+            limit = len(test) if isinstance(test, ImageSet) else GENERATED_LIMIT
+        return test.head(limit)
 
     def inputs(self, images: Tensor) -> Tensor:
         device = next(self.model.parameters()).device
@@ -97,6 +107,11 @@ def _digits(values: Tensor) -> list[str]:
     return [f"{v if abs(v) > 1e-9 else 0.0:+.2f}" for v in values.tolist()]
 
 
+def _holding(labels: Tensor, cls: int) -> Tensor:
+    """(N,) bool: the images labelled `cls` (for labels (N, k): among their labels)."""
+    return labels == cls if labels.dim() == 1 else (labels == cls).any(dim=1)
+
+
 def _sources(t: Trained, image: list[Path] | None, cls: int | None, samples: int | None,
              default_per_class: bool) -> tuple[Tensor, Tensor | None, list[str]]:
     """Inputs to show: the user's images, or test images (of one class, the first N, or one per class).
@@ -109,12 +124,12 @@ def _sources(t: Trained, image: list[Path] | None, cls: int | None, samples: int
         raise CapsxError(f"--class {cls}: out of range; this model has {n_classes} classes (0..{n_classes - 1})")
     test = t.test_set()
     if cls is not None:
-        idx = (test.labels == cls).nonzero().flatten()[: samples or 1]
+        idx = _holding(test.labels, cls).nonzero().flatten()[: samples or 1]
     elif samples is not None:
         idx = torch.arange(min(samples, len(test)))
     elif default_per_class:
-        idx = torch.stack([(test.labels == k).nonzero().flatten()[0] for k in range(n_classes)
-                           if (test.labels == k).any()])
+        idx = torch.stack([_holding(test.labels, k).nonzero().flatten()[0] for k in range(n_classes)
+                           if _holding(test.labels, k).any()])
     else:
         idx = torch.arange(1)
     return t.inputs(test.images[idx]), test.labels[idx], [f"test #{i}" for i in idx.tolist()]
@@ -132,6 +147,8 @@ def run_perturb(t: Trained, *, dims: list[int] | None, value_range: tuple[float,
     all_dims = dims is None
     dims = list(range(D)) if dims is None else dims
     if class_mean:
+        if t.objects > 1:
+            raise CapsxError(f"--class-mean: not available for a {t.recipe.data.name} run (two digits per image)")
         test = t.test_set()
         caps, preds = capsules.class_capsules(model, t.inputs(test.images))
         wanted = [cls] if cls is not None else list(range(len(t.classes)))
@@ -173,6 +190,12 @@ def run_reconstruct(t: Trained, *, count: int, misclassified: int, force_class: 
                     image: list[Path] | None, error_images: int) -> float:
     """The paper's Fig. 3: inputs above their reconstructions; a strip of mistakes; the mean error."""
     model = capsules.require_decoder(t.model, "reconstruct")
+    if t.objects > 1:
+        if force_class is not None:
+            raise CapsxError(f"--force-class: not available for a {t.recipe.data.name} run "
+                             "(its images hold two digits; both predicted ones are decoded)")
+        return _reconstruct_pairs(t, model, count=count, misclassified=misclassified, image=image,
+                                  error_images=error_images)
     n_classes = len(t.classes)
     if force_class is not None and not 0 <= force_class < n_classes:
         raise CapsxError(f"--force-class {force_class}: out of range; this model has {n_classes} classes")
@@ -239,6 +262,75 @@ def run_reconstruct(t: Trained, *, count: int, misclassified: int, force_class: 
     return mean_sse
 
 
+def _pair(classes: list[str], pair: Tensor) -> str:
+    return "(" + ",".join(classes[int(k)] for k in pair) + ")"
+
+
+@torch.no_grad()
+def _reconstruct_pairs(t: Trained, model: CapsNet, *, count: int, misclassified: int, image: list[Path] | None,
+                       error_images: int) -> float:
+    """The paper's Fig. 5: each of an image's two digits decoded from its own capsule, drawn in its own
+    colour over the input in grey, captioned R:(reconstructed = predicted pair) L:(label pair)."""
+    k = t.objects
+
+    def panel(xs: Tensor, labels: Tensor | None, title: str, name: str, key: str, as_label: bool = False) -> None:
+        out = model(xs)
+        preds = out.top(k).sort(dim=1).values  # (n, k) ascending: the caption's order is the colours' order
+        decoded = labels.to(xs.device).sort(dim=1).values if as_label and labels is not None else preds
+        recon = model.reconstruct(out.capsules, decoded)  # (n, k, C, H, W)
+        wrong = [False] * len(xs) if labels is None else (~all_right(labels.to(preds.device), preds)).tolist()
+        tiles = list(canvas.to_uint8(xs)) + list(canvas.colour_overlay(xs, recon, PAIR_COLOURS[:k]))
+        img = canvas.grid(tiles, len(xs), scale=2, marked=wrong + wrong)
+        cells = ["L:" + _pair(t.classes, lab.sort().values) for lab in labels] if labels is not None \
+            else ["L:?"] * len(xs)
+        cells += [("L:" if as_label else "R:") + _pair(t.classes, d) + ("*" if w else "")
+                  for d, w in zip(decoded, wrong, strict=True)]
+        colors = [(0, 0, 0)] * len(xs) + [canvas.RED if w else (0, 0, 0) for w in wrong]
+        img = canvas.label_grid(img, 2, len(xs), ["input", "decoded"], None, cell_labels=cells, label_colors=colors)
+        lines = [title, "decoded: the pair's first digit in red, its second in green, input in grey"]
+        t.publish(canvas.caption_above(img, lines), name, key=key)
+
+    if image:
+        xs = torch.cat([t.user_image(p) for p in image])
+        panel(xs, None, "your images; R: the two longest capsules, decoded",
+              "recon_pairs_images.png", "recon/pairs_images")
+        t.report()
+        return float("nan")
+    test = t.test_set(max(count, error_images))
+    n = min(count, len(test))
+    panel(t.inputs(test.images[:n]), test.labels[:n],
+          "test pairs; L: labels, R: the two longest capsules (* not both right)",
+          "recon_pairs.png", "recon/pairs")
+    # The error over the first `error_images` pairs, each digit against its own unmerged image, and the mistakes.
+    m = min(error_images, len(test))
+    sources = test.extras["sources"][:m]
+    sse_sum, wrong_idx = 0.0, []
+    for i in range(0, m, 500):
+        xs = t.inputs(test.images[i:i + 500])
+        out = model(xs)
+        recon = out.reconstruction  # decoded from the top-k capsules
+        assert recon is not None and recon.shape[1] == k
+        sse_sum += float(reconstruction_loss(recon, t.inputs(sources[i:i + 500])).sum())
+        right = all_right(test.labels[i:i + 500].to(xs.device), out.top(k))
+        wrong_idx += (i + (~right).nonzero().flatten().cpu()).tolist()
+    mean_sse = sse_sum / max(1, m)
+    if misclassified > 0 and wrong_idx:
+        idx = torch.tensor(wrong_idx[:misclassified])
+        xs_wrong = t.inputs(test.images[idx])
+        panel(xs_wrong, test.labels[idx], "not both right: decoded as predicted (top) ...",
+              "recon_pairs_wrong_pred.png", "recon/pairs_misclassified")
+        panel(xs_wrong, test.labels[idx], "... and decoded from the true labels' capsules",
+              "recon_pairs_wrong_label.png", "recon/pairs_misclassified_as_label", as_label=True)
+    if t.tracker is not None:
+        t.tracker.log_metrics({"recon/mean_sse": mean_sse, "recon/errors_in_sample": float(len(wrong_idx))},
+                              step=t.epoch)
+    console.print(f"mean reconstruction error (sum of squared pixel errors of both digits, each against its own "
+                  f"image) over {m} test pairs: {mean_sse:.3f}; {len(wrong_idx)} of them not both right",
+                  soft_wrap=True)
+    t.report()
+    return mean_sse
+
+
 # ------------------------------------------------------------------------------------------- visualize
 
 
@@ -264,7 +356,8 @@ def _one_input(t: Trained, index: int, image: Path | None) -> tuple[Tensor, str,
     test = t.test_set()
     if not 0 <= index < len(test):
         raise CapsxError(f"--index {index}: out of range; the test split has {len(test)} images")
-    return t.inputs(test.images[index:index + 1]), f"test #{index}", int(test.labels[index])
+    label = int(test.labels[index]) if test.labels.dim() == 1 else None  # a pair has no single label
+    return t.inputs(test.images[index:index + 1]), f"test #{index}", label
 
 
 def run_activations(t: Trained, *, layer: str | None, index: int, image: Path | None) -> None:

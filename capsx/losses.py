@@ -1,7 +1,11 @@
-"""Losses: the paper's margin loss (+ scaled reconstruction loss) and cross-entropy.
+"""Losses: the paper's margin loss (+ scaled reconstruction loss), cross-entropy,
+and binary cross-entropy on sigmoid outputs for several labels per image.
 
-A criterion maps (model output, images, labels) to `LossTerms`: the total to
-back-propagate (a batch mean) and its named parts, per sample, for logging.
+A criterion maps (model output, reconstruction targets, labels) to `LossTerms`:
+the total to back-propagate (a batch mean) and its named parts, per sample, for
+logging. Labels are (B,), or (B, k) for k objects per image (MultiMNIST), and
+the reconstruction targets are the input itself, or (B, k, C, H, W) each object
+alone.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
@@ -35,8 +40,14 @@ def margin_loss(lengths: Tensor, targets: Tensor, m_plus: float = 0.9, m_minus: 
 
 
 def reconstruction_loss(reconstruction: Tensor, images: Tensor) -> Tensor:
-    """Sum of squared pixel differences per image, (B,)."""
+    """Sum of squared pixel differences per image, (B,); for (B, k, C, H, W) the sum over the k objects."""
     return (reconstruction - images).pow(2).flatten(1).sum(dim=1)
+
+
+def class_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """(B, K) 0/1 targets: one-hot for labels (B,), k-hot for labels (B, k)."""
+    hot = F.one_hot(labels, num_classes)
+    return (hot if labels.dim() == 1 else hot.amax(dim=1)).to(dtype)
 
 
 class MarginLossConfig(Section):
@@ -48,13 +59,13 @@ class MarginLossConfig(Section):
     down_weight: float = Field(0.5, ge=0)  # the paper's lambda for absent classes
     recon_weight: float = Field(0.0005, ge=0)  # scales the reconstruction loss so it does not dominate
 
-    def __call__(self, out: ModelOutput, images: Tensor, labels: Tensor) -> LossTerms:
-        targets = F.one_hot(labels, out.scores.shape[1]).to(out.scores.dtype)
-        margin = margin_loss(out.scores, targets, self.m_plus, self.m_minus, self.down_weight)
+    def __call__(self, out: ModelOutput, targets: Tensor, labels: Tensor) -> LossTerms:
+        present = class_targets(labels, out.scores.shape[1], out.scores.dtype)
+        margin = margin_loss(out.scores, present, self.m_plus, self.m_minus, self.down_weight)
         parts = {"margin_loss": margin}
         total = margin
         if out.reconstruction is not None and self.recon_weight > 0:
-            recon = reconstruction_loss(out.reconstruction.float(), images.float())
+            recon = reconstruction_loss(out.reconstruction.float(), targets.float())
             parts["recon_loss"] = recon
             total = margin + self.recon_weight * recon
         return LossTerms(total=total.mean(), parts=parts)
@@ -66,12 +77,24 @@ class CrossEntropyConfig(Section):
     name: Literal["cross_entropy"] = "cross_entropy"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
-    def __call__(self, out: ModelOutput, images: Tensor, labels: Tensor) -> LossTerms:
+    def __call__(self, out: ModelOutput, targets: Tensor, labels: Tensor) -> LossTerms:
         ce = F.cross_entropy(out.scores.float(), labels, reduction="none", label_smoothing=self.label_smoothing)
         return LossTerms(total=ce.mean(), parts={"ce_loss": ce})
 
 
-LossConfig = Annotated[MarginLossConfig | CrossEntropyConfig, Field(discriminator="name")]
+class BinaryCrossEntropyConfig(Section):
+    """`loss: {name: binary_cross_entropy}`: an independent sigmoid per class, BCE against the
+    k-hot targets, summed over classes: a CNN's loss when an image holds several labels."""
 
-__all__ = ["CrossEntropyConfig", "LossConfig", "LossTerms", "MarginLossConfig", "margin_loss",
-           "reconstruction_loss"]
+    name: Literal["binary_cross_entropy"] = "binary_cross_entropy"
+
+    def __call__(self, out: ModelOutput, targets: Tensor, labels: Tensor) -> LossTerms:
+        present = class_targets(labels, out.scores.shape[1], torch.float32)
+        bce = F.binary_cross_entropy_with_logits(out.scores.float(), present, reduction="none").sum(dim=1)
+        return LossTerms(total=bce.mean(), parts={"bce_loss": bce})
+
+
+LossConfig = Annotated[MarginLossConfig | CrossEntropyConfig | BinaryCrossEntropyConfig, Field(discriminator="name")]
+
+__all__ = ["BinaryCrossEntropyConfig", "CrossEntropyConfig", "LossConfig", "LossTerms", "MarginLossConfig",
+           "class_targets", "margin_loss", "reconstruction_loss"]

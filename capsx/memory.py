@@ -65,16 +65,20 @@ def _cpu_probe() -> tuple[Callable[[], None], Callable[[], int]] | None:
 
 
 def _step(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], batch: int,
-          device: torch.device) -> None:
+          device: torch.device, objects: int) -> None:
     x = torch.rand(batch, *input_shape, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
-    criterion(model(x, y), x, y).total.backward()  # type: ignore[operator]
+    targets = x
+    if objects > 1:  # k different classes per image, each with its own image to rebuild
+        y = torch.arange(objects, device=device).expand(batch, objects)
+        targets = x.unsqueeze(1).expand(batch, objects, *input_shape)
+    criterion(model(x, y), targets, y).total.backward()  # type: ignore[operator]
     for p in model.parameters():
         p.grad = None
 
 
 def estimate(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], optimizer: str,
-             device: torch.device) -> MemoryEstimate | None:
+             device: torch.device, objects: int = 1) -> MemoryEstimate | None:
     """Measure; None where this device's memory cannot be read (MPS, non-Linux CPU)."""
     if device.type == "cuda":
         def reset() -> None:
@@ -115,7 +119,7 @@ def estimate(model: nn.Module, criterion: object, input_shape: tuple[int, int, i
             baseline = now()
             for b in PROBE_BATCHES:
                 reset()
-                _step(model, criterion, input_shape, b, device)
+                _step(model, criterion, input_shape, b, device, objects)
                 peaks.append(read())
     finally:
         model.train(was_training)

@@ -18,7 +18,7 @@ from pydantic.fields import FieldInfo
 
 from capsx.data import DATASETS, DataConfig
 from capsx.errors import RecipeError
-from capsx.losses import CrossEntropyConfig, LossConfig, MarginLossConfig
+from capsx.losses import BinaryCrossEntropyConfig, CrossEntropyConfig, LossConfig, MarginLossConfig
 from capsx.models import MODELS, ModelConfig
 from capsx.optim import OptimizerConfig, ScheduleConfig
 from capsx.registry import Registry
@@ -81,7 +81,7 @@ class Recipe(Section):
     name: str = Field(min_length=1)
     description: str = ""
     model: ModelSection
-    loss: LossConfig | None = None  # default: margin for capsule models, cross-entropy otherwise
+    loss: LossConfig | None = None  # default: margin for capsule models, else cross-entropy (binary: k labels)
     data: DataSection
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -92,12 +92,16 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _default_loss(self) -> Recipe:
         if self.loss is None:
-            loss = MarginLossConfig() if self.model.name == "capsnet" else CrossEntropyConfig()
+            loss: MarginLossConfig | CrossEntropyConfig | BinaryCrossEntropyConfig
+            if self.model.name == "capsnet":
+                loss = MarginLossConfig()
+            else:
+                loss = CrossEntropyConfig() if self.data.objects == 1 else BinaryCrossEntropyConfig()
             object.__setattr__(self, "loss", loss)
         return self
 
     @property
-    def loss_config(self) -> MarginLossConfig | CrossEntropyConfig:
+    def loss_config(self) -> MarginLossConfig | CrossEntropyConfig | BinaryCrossEntropyConfig:
         assert self.loss is not None  # filled in by the validator
         return self.loss
 
@@ -144,9 +148,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def recipe_from_dict(raw: dict[str, Any], source: str, overrides: list[str] | None = None) -> Recipe:
     raw = apply_overrides(raw, overrides or [], source)
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(f"{source}: {describe_error(e)}") from None
+    if isinstance(recipe.loss, CrossEntropyConfig) and recipe.data.objects > 1:
+        raise RecipeError(f"{source}: loss.name: cross_entropy scores one class per image, but {recipe.data.name} "
+                          f"has {recipe.data.objects}; expected binary_cross_entropy (or margin for a CapsNet)")
+    return recipe
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:

@@ -74,13 +74,14 @@ def test_batches_cover_the_epoch_and_restart_at_any_step():
     batches = Batches(data, 16, shuffle=True, seed=1, shift=1)
     assert len(batches) == 7
     full = list(batches.epoch(3))
-    labels = torch.cat([y for _, y in full])
+    labels = torch.cat([b.labels for b in full])
     assert sorted(labels.tolist()) == list(range(100))
-    assert not torch.equal(labels, torch.cat([y for _, y in batches.epoch(4)]))  # reshuffled per epoch
+    assert not torch.equal(labels, torch.cat([b.labels for b in batches.epoch(4)]))  # reshuffled per epoch
     tail = list(batches.epoch(3, start_step=4))
-    for (x1, y1), (x2, y2) in zip(full[4:], tail, strict=True):
+    for (x1, y1, _), (x2, y2, _) in zip(full[4:], tail, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    x, _ = full[0]
+    x, _, targets = full[0]
+    assert targets is x  # one object per image: the reconstruction target is the input itself
     assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
 
 

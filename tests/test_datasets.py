@@ -250,7 +250,7 @@ def test_batches_crop_after_shift_and_replay_exactly():
     data = ImageSet(_position_images(20, 1, 16, 16), torch.arange(20))
     batches = Batches(data, 6, shuffle=True, seed=3, shift=2, crop=10)
     first = list(batches.epoch(0))
-    assert [x.shape for x, _ in first] == [(6, 1, 10, 10)] * 3 + [(2, 1, 10, 10)]
+    assert [x.shape for x, _, _ in first] == [(6, 1, 10, 10)] * 3 + [(2, 1, 10, 10)]
     again = list(batches.epoch(0, start_step=2))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first[2:], again, strict=True))
 

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from torch.utils.data import DistributedSampler
 
 from capsx.data import Batches, ImageSet
 from tests.conftest import tiny_recipe
@@ -28,8 +30,8 @@ def test_the_processes_batches_make_up_the_one_process_batch_with_the_same_shift
     two = [Batches(data, 16, shuffle=True, seed=3, shift=2, rank=r, world=2) for r in (0, 1)]
     assert len(one) == len(two[0]) == len(two[1]) == 6
     for epoch in (0, 1):
-        for (x, y), (x0, y0), (x1, y1) in zip(one.epoch(epoch), two[0].epoch(epoch), two[1].epoch(epoch),
-                                              strict=True):
+        for (x, y, _), (x0, y0, _), (x1, y1, _) in zip(one.epoch(epoch), two[0].epoch(epoch), two[1].epoch(epoch),
+                                                       strict=True):
             assert len(y0) == len(y1) == 8
             # rank r holds every 2nd image of the global batch, starting at r, shifted the same way
             assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
@@ -37,10 +39,20 @@ def test_the_processes_batches_make_up_the_one_process_batch_with_the_same_shift
     assert not torch.equal(one.order(0), one.order(1))  # reshuffled every epoch
 
 
+@pytest.mark.parametrize("n", [96, 25])
+def test_each_process_gets_what_torchs_distributed_sampler_gives_it(n):
+    data = _imageset(n)
+    order = Batches(data, 4, shuffle=True, seed=1).order(0)  # the epoch's order, the same on every process
+    for rank in range(2):
+        mine = torch.cat([y for _, y, _ in Batches(data, 4, shuffle=True, seed=1, rank=rank, world=2).epoch(0)])
+        sampler = DistributedSampler(order.tolist(), num_replicas=2, rank=rank, shuffle=False)  # type: ignore[arg-type]
+        assert mine.tolist() == [int(order[i]) for i in sampler]
+
+
 def test_sharded_evaluation_sees_every_test_image_once():
     data = _imageset(25)
     shards = [Batches(data, 4, rank=r, world=3) for r in range(3)]
-    seen = torch.cat([y for b in shards for _, y in b.epoch(0)])
+    seen = torch.cat([y for b in shards for _, y, _ in b.epoch(0)])
     assert sorted(seen.tolist()) == list(range(25))
 
 

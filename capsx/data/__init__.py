@@ -9,10 +9,11 @@ from pathlib import Path
 from capsx.data import cifar10 as _cifar10  # noqa: E402,F401
 from capsx.data import fashion_mnist as _fashion_mnist  # noqa: E402,F401
 from capsx.data import mnist as _mnist  # noqa: E402,F401
+from capsx.data import multimnist as _multimnist  # noqa: E402,F401
 from capsx.data import shapes as _shapes  # noqa: E402,F401
 from capsx.data import smallnorb as _smallnorb  # noqa: E402,F401
 from capsx.data import svhn as _svhn  # noqa: E402,F401
-from capsx.data.batches import Batches, center_crop, random_crop, random_shift
+from capsx.data.batches import Batch, Batches, center_crop, random_crop, random_shift
 from capsx.data.config import DATASETS, AugmentConfig, DataConfig, register_dataset
 from capsx.data.imageset import DataSplits, ImageSet
 
@@ -27,5 +28,5 @@ def resolve_data_root(cli_root: str | None, recipe_root: str | None) -> Path:
     return DEFAULT_DATA_ROOT
 
 
-__all__ = ["DATASETS", "AugmentConfig", "Batches", "DataConfig", "DataSplits", "ImageSet",
+__all__ = ["DATASETS", "AugmentConfig", "Batch", "Batches", "DataConfig", "DataSplits", "ImageSet",
            "center_crop", "random_crop", "random_shift", "register_dataset", "resolve_data_root"]

@@ -13,13 +13,13 @@ does.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DistributedSampler
 
-from capsx.data.imageset import ImageSet
+from capsx.data.imageset import Examples, Order
 
 
 def window_offsets(count: int, span_h: int, span_w: int, generator: torch.Generator) -> Tensor:
@@ -72,15 +72,22 @@ def _seed(*parts: int) -> int:
     return h
 
 
-class Batches:
-    """Iterates (images float in [0, 1], labels) batches of an `ImageSet` already on its device.
+class Batch(NamedTuple):
+    images: Tensor  # (B, C, H, W) float in [0, 1]: the model's input
+    labels: Tensor  # (B,), or (B, k) for k labelled objects per image
+    targets: Tensor  # what a reconstruction should match: `images` itself, or (B, k, C, H, W) each object alone
 
-    `batch_size` is the global batch; with `world` processes this one (`rank`) yields its share of it.
-    Shuffled (training) batches follow `DistributedSampler`; unshuffled (evaluation) ones take every
-    `world`-th image without padding, so each test image is counted exactly once over the processes.
+
+class Batches:
+    """Iterates `Batch`es of an `ImageSet` (or a generated set) already on its device.
+
+    `batch_size` is the global batch; with `world` processes this one (`rank`) takes every `world`-th
+    example of it, starting at `rank`: the split torch's `DistributedSampler` makes of the epoch's order,
+    down to padding the last batch with the order's first examples (training). Evaluation batches are
+    not padded, so each test example is counted exactly once over the processes.
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+    def __init__(self, data: Examples, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  shift: int = 0, crop: int | None = None, max_steps: int | None = None, rank: int = 0,
                  world: int = 1) -> None:
         if shuffle and batch_size % world:
@@ -93,49 +100,49 @@ class Batches:
         self.crop = crop  # a random crop per image (training); the test split is centre-cropped at load
         self.max_steps = max_steps
         self.rank, self.world = rank, world
-        self.local_batch = batch_size // world if shuffle else batch_size
 
     @property
     def device(self) -> torch.device:
-        return self.data.images.device
-
-    def _local_size(self) -> int:
-        n = len(self.data)
-        if self.shuffle:
-            return -(-n // self.world)  # DistributedSampler pads every rank to the same length
-        return len(range(self.rank, n, self.world))
+        return self.data.device
 
     def __len__(self) -> int:
-        n = -(-self._local_size() // self.local_batch)
+        n = -(-len(self.data) // self.batch_size)
         return n if self.max_steps is None else min(n, self.max_steps)
 
-    def order(self, epoch: int) -> Tensor:
-        """This process's indices for `epoch`, in the order it takes them."""
-        if not self.shuffle:
-            return torch.arange(self.rank, len(self.data), self.world, device=self.device)
-        sampler: DistributedSampler[int] = DistributedSampler(
-            range(len(self.data)), num_replicas=self.world, rank=self.rank, shuffle=True,  # type: ignore[arg-type]
-            seed=_seed(self.seed))
-        sampler.set_epoch(epoch)
-        return torch.tensor(list(sampler), dtype=torch.long).to(self.device)
+    def order(self, epoch: int) -> Order | None:
+        """The epoch's order of examples (the same on every process); None: in order."""
+        return self.data.shuffled(_seed(self.seed, epoch)) if self.shuffle else None
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """The batches of `epoch`, from `start_step` on."""
+    def _global_batch(self, order: Order | None, step: int) -> Tensor:
+        lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, len(self.data))
+        idx = order[lo:hi] if order is not None else torch.arange(lo, hi, device=self.device)
+        short = -len(idx) % self.world
+        if short and self.shuffle:  # every process takes the same number of examples, as DistributedSampler
+            first = order[0:short] if order is not None else torch.arange(short, device=self.device)
+            idx = torch.cat([idx, first])
+        return idx
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch`, from `start_step` on (this process's share of each)."""
         order = self.order(epoch)
-        b = self.local_batch
+        share = slice(self.rank, None, self.world)
         for step in range(start_step, len(self)):
-            idx = order[step * b:(step + 1) * b]
-            images = self.data.images[idx]
-            # the random offsets of the whole global batch, of which this process's images are every world-th
-            share = slice(self.rank, None, self.world)
+            everyone = self._global_batch(order, step)
+            idx = everyone[share]
+            if len(idx) == 0:
+                continue  # the other processes evaluate the last few examples
+            images, labels, sources = self.data.take(idx)
+            # random offsets are drawn for the whole global batch; this process uses its share of them
             if self.shift > 0:
+                assert sources is None, "shifting the input would leave its objects' images behind"
                 g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, step, 1))
                 span = 2 * self.shift
-                images = shift_by(images, window_offsets(len(idx) * self.world, span, span, g)[:, share],
-                                  self.shift)
+                images = shift_by(images, window_offsets(len(everyone), span, span, g)[:, share], self.shift)
             if self.crop is not None:
+                assert sources is None, "cropping the input would leave its objects' images behind"
                 g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, step, 2))
                 H, W = images.shape[-2:]
-                offsets = window_offsets(len(idx) * self.world, H - self.crop, W - self.crop, g)[:, share]
+                offsets = window_offsets(len(everyone), H - self.crop, W - self.crop, g)[:, share]
                 images = take_windows(images, offsets, self.crop, self.crop)
-            yield images.float().div_(255), self.data.labels[idx]
+            x = images.float().div_(255)
+            yield Batch(x, labels, x if sources is None else sources.float().div_(255))

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from capsx.data.batches import center_crop
 from capsx.data.imageset import DataSplits, ImageSet
+from capsx.errors import DataError
 from capsx.registry import Registry
 from capsx.schema import Section
 
@@ -33,6 +34,7 @@ class DataConfig(Section):
     image_shape: ClassVar[tuple[int, int, int]]  # (C, H, W) of the images as loaded
     classes: ClassVar[list[str]]
     needs_root: ClassVar[bool] = False  # read from disk (True) or generated (False)
+    objects: ClassVar[int] = 1  # labelled objects per image (MultiMNIST: 2)
 
     @model_validator(mode="after")
     def _crop_fits(self) -> DataConfig:
@@ -62,6 +64,9 @@ class DataConfig(Section):
             splits.test = splits.test.subset(self.test_subset)
         if self.augment.crop is not None:
             t = splits.test
+            if not isinstance(t, ImageSet):
+                raise DataError(f"data.augment.crop: not available for {self.name!r} (it generates its examples); "
+                                "remove it")
             splits.test = ImageSet(center_crop(t.images, self.augment.crop), t.labels, t.extras)
         return splits
 

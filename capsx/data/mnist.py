@@ -33,9 +33,14 @@ class MNISTConfig(DataConfig):
     needs_root: ClassVar[bool] = True
 
     def load(self, root: Path) -> DataSplits:
-        if not self.download:
-            require_files("MNIST", root / "MNIST" / "raw", MNIST_FILES, holder="MNIST/")
-        return read_idx_splits(torchvision.datasets.MNIST, root, self.download, self.classes)
+        return read_mnist(root, self.download)
+
+
+def read_mnist(root: Path, download: bool = False) -> DataSplits:
+    """Both MNIST splits from `<root>/MNIST/raw/` (also the source of the data sets built from MNIST)."""
+    if not download:
+        require_files("MNIST", root / "MNIST" / "raw", MNIST_FILES, holder="MNIST/")
+    return read_idx_splits(torchvision.datasets.MNIST, root, download, MNISTConfig.classes)
 
 
 def read_idx_splits(dataset: type[torchvision.datasets.MNIST], root: Path, download: bool,

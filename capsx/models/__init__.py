@@ -12,9 +12,11 @@ from capsx.models.config import MODELS, ModelConfig, register_model
 from capsx.models.output import ModelOutput
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Build the model a recipe's `model` section describes, for data of this shape."""
-    return cfg.build(input_shape, num_classes)
+def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int,
+                objects: int = 1) -> nn.Module:
+    """Build the model a recipe's `model` section describes, for data of this shape (and this many
+    labelled objects per image)."""
+    return cfg.build(input_shape, num_classes, objects)
 
 
 __all__ = ["MODELS", "ModelConfig", "ModelOutput", "build_model", "register_model"]

@@ -87,11 +87,13 @@ class CapsNet(nn.Module):
         decoder: bool = True,
         decoder_hidden: tuple[int, ...] = (512, 1024),
         init_std: float = 0.01,
+        objects: int = 1,
     ) -> None:
         super().__init__()
         C, H, W = input_shape
         self.input_shape = input_shape
         self.num_classes = num_classes
+        self.objects = objects  # labelled objects per image: at test time the decoder rebuilds the top `objects`
         self.conv1 = nn.Conv2d(C, conv1_channels, conv1_kernel)
         self.primary_caps = PrimaryCaps(conv1_channels, primary_types, primary_dim, primary_kernel, primary_stride)
         grid_h = (H - conv1_kernel + 1 - primary_kernel) // primary_stride + 1
@@ -127,19 +129,26 @@ class CapsNet(nn.Module):
         return {f"routing/delta_b_iter{r + 1}": d for r, d in enumerate(trace.mean_abs_delta_b)}
 
     def reconstruct(self, capsules: Tensor, classes: Tensor) -> Tensor:
-        """Decode only the capsule of `classes` (B,) (the others are masked to 0)."""
+        """Decode only the capsule of `classes` (B,) (the others are masked to 0) -> (B, C, H, W);
+        classes (B, k): each of the k separately (MultiMNIST) -> (B, k, C, H, W)."""
         assert self.decoder is not None
+        if classes.dim() == 2:
+            B, k = classes.shape
+            each = self.reconstruct(capsules.repeat_interleave(k, dim=0), classes.flatten())  # (B*k, C, H, W)
+            return each.view(B, k, *self.input_shape)
         mask = F.one_hot(classes, self.num_classes).to(capsules.dtype)  # (B, K)
         flat = (capsules * mask.unsqueeze(-1)).flatten(1)  # (B, K*D)
         return self.decoder(flat).view(-1, *self.input_shape)
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> ModelOutput:
-        """`target` masks the decoder in training; at test time the prediction does."""
+        """`target` (B,) or (B, k) masks the decoder in training; at test time the prediction does."""
         v = self.encode(x)
         lengths = capsule_length(v)  # (B, K): |v_k| = P(class k present)
         recon = None
         if self.decoder is not None:
-            recon = self.reconstruct(v, target if target is not None else lengths.argmax(dim=1))
+            if target is None:
+                target = lengths.argmax(dim=1) if self.objects == 1 else lengths.topk(self.objects, dim=1).indices
+            recon = self.reconstruct(v, target)
         return ModelOutput(scores=lengths, capsules=v, reconstruction=recon)
 
 
@@ -161,10 +170,10 @@ class CapsNetConfig(ModelConfig):
     decoder_hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [512, 1024])
     init_std: float = Field(0.01, gt=0)
 
-    def build(self, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    def build(self, input_shape: tuple[int, int, int], num_classes: int, objects: int = 1) -> nn.Module:
         kw = self.kwargs()
         kw["decoder_hidden"] = tuple(kw["decoder_hidden"])
-        return CapsNet(input_shape, num_classes, **kw)
+        return CapsNet(input_shape, num_classes, **kw, objects=objects)
 
 
 __all__ = ["CapsNet", "CapsNetConfig", "ClassCaps", "PrimaryCaps"]

@@ -78,7 +78,8 @@ class _ConvNetConfig(ModelConfig):
     activation: Activation = "relu"
     init: Init = "torch"  # torch: PyTorch's defaults; he: He et al. normal init for the hidden layers
 
-    def build(self, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    def build(self, input_shape: tuple[int, int, int], num_classes: int, objects: int = 1) -> nn.Module:
+        # `objects` changes nothing here: the logits are per class however many are present.
         kw = self.kwargs()
         kw["channels"], kw["hidden"] = tuple(kw["channels"]), tuple(kw["hidden"])
         return ConvNet(input_shape, num_classes, **kw)

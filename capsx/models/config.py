@@ -19,7 +19,8 @@ class ModelConfig(Section):
         """The fields as keyword arguments for the model class."""
         return {k: getattr(self, k) for k in type(self).model_fields if k != "name"}
 
-    def build(self, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    def build(self, input_shape: tuple[int, int, int], num_classes: int, objects: int = 1) -> nn.Module:
+        """`objects`: labelled objects per image, for models whose output depends on it (a decoder)."""
         raise NotImplementedError  # every registered subclass overrides it
 
 

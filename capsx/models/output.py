@@ -18,3 +18,7 @@ class ModelOutput:
     def prediction(self) -> Tensor:
         """(B,) the class with the highest score."""
         return self.scores.argmax(dim=1)
+
+    def top(self, k: int) -> Tensor:
+        """(B, k) the k highest-scoring classes, best first: the prediction for k objects per image."""
+        return self.scores.topk(k, dim=1).indices

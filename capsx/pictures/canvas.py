@@ -14,6 +14,7 @@ from torch import Tensor
 
 BACKGROUND = 40  # grey between tiles, so black tiles (dead channels) stay visible
 RED = (230, 60, 50)
+GREEN = (60, 210, 60)
 
 
 def to_uint8(images: Tensor, per_image: bool = False) -> np.ndarray:
@@ -33,6 +34,19 @@ def to_uint8(images: Tensor, per_image: bool = False) -> np.ndarray:
     if x.shape[1] == 3:
         return x.permute(0, 2, 3, 1).numpy()
     return x[:, 0].numpy()
+
+
+def colour_overlay(base: Tensor, layers: Tensor, colours: Sequence[tuple[int, int, int]],
+                   base_level: float = 0.45) -> np.ndarray:
+    """Images (N, [1,] H, W) in dimmed grey with layers (N, k, [1,] H, W) on top, layer j in colours[j];
+    values 0..1; where layers overlap their colours add (red + green: yellow). -> (N, H, W, 3) uint8."""
+    x = base.detach().float().cpu()
+    N, H, W = len(x), x.shape[-2], x.shape[-1]
+    out = (base_level * x.reshape(N, H, W, 1)).expand(N, H, W, 3).clone()
+    per_layer = layers.detach().float().cpu().reshape(N, -1, H, W, 1)
+    for j, colour in enumerate(colours):
+        out += per_layer[:, j] * torch.tensor(colour, dtype=torch.float32) / 255
+    return (out.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def heat(values: np.ndarray) -> np.ndarray:
