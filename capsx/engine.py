@@ -165,7 +165,7 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
     check_memory(model, criterion, data_cfg.input_shape, recipe.optimizer.name, run.device,
                   min(data_cfg.batch_size, len(splits.train)))
     train_batches = Batches(splits.train.to(run.device), data_cfg.batch_size, shuffle=True, seed=cfg.seed,
-                            shift=data_cfg.augment.shift, max_steps=cfg.max_steps_per_epoch)
+                            shift=data_cfg.train_shift, max_steps=cfg.max_steps_per_epoch)
     test_batches = Batches(splits.test.to(run.device), data_cfg.eval_batch_size)
     total_steps = len(train_batches) * cfg.epochs
 

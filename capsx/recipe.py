@@ -21,6 +21,7 @@ from capsx.errors import RecipeError
 from capsx.losses import CrossEntropyConfig, LossConfig, MarginLossConfig
 from capsx.models import MODELS, ModelConfig
 from capsx.optim import OptimizerConfig, ScheduleConfig
+from capsx.paper import PaperNumber
 from capsx.registry import Registry
 from capsx.schema import Section
 
@@ -87,6 +88,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, then MPS, then CPU
+    paper: list[PaperNumber] = Field(default_factory=list)  # the paper's numbers this recipe reproduces
 
     @model_validator(mode="after")
     def _default_loss(self) -> Recipe:
@@ -214,6 +216,8 @@ def describe_error(err: ValidationError) -> str:
         tag = value.get("name") if isinstance(value, dict) else value
         what = registry.kind if registry else section
         return f"{where}.name: unknown {what} {tag!r}; expected one of: {valid}"
+    if kind == "value_error":  # a section's own cross-field check: its message says what was expected
+        return f"{where}: {e['msg'].removeprefix('Value error, ')}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{where}: expected a mapping, got {_kind(value)}"
     return f"{where}: expected {_expected(kind, e.get('ctx', {}), e['msg'])}, got {_short(value)}"
@@ -266,6 +270,8 @@ def _walk(cls: Any, loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
             fields = list(getattr(cls, "model_fields", {})) if cls else []
             continue
         path.append(str(part))
+        if isinstance(part, int):  # an item of a list of sections: still that section
+            continue
         info: FieldInfo | None = getattr(cls, "model_fields", {}).get(part) if cls else None
         if info is None:
             cls, fields = None, []
@@ -290,6 +296,8 @@ def _members(annotation: Any) -> list[Any]:
     if get_origin(annotation) is Annotated:
         return _members(get_args(annotation)[0])
     args = get_args(annotation)
+    if args and get_origin(annotation) is list:
+        return _members(args[0])
     if args and get_origin(annotation) in (Union, UnionType):
         return [m for a in args for m in _members(a)]
     return [annotation]

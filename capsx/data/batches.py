@@ -10,23 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from capsx.data.imageset import ImageSet
-
-
-def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Shift each image (B, C, H, W) by its own random (dx, dy) in [-max_shift, max_shift], zero padded."""
-    B, C, H, W = images.shape
-    m = max_shift
-    padded = F.pad(images, (m, m, m, m))  # (B, C, H+2m, W+2m)
-    offsets = torch.randint(0, 2 * m + 1, (2, B), generator=generator, device=generator.device).to(images.device)
-    rows = (offsets[0].view(B, 1) + torch.arange(H, device=images.device)).view(B, 1, H, 1)
-    cols = (offsets[1].view(B, 1) + torch.arange(W, device=images.device)).view(B, 1, 1, W)
-    batch = torch.arange(B, device=images.device).view(B, 1, 1, 1)
-    chan = torch.arange(C, device=images.device).view(1, C, 1, 1)
-    return padded[batch, chan, rows, cols]
+from capsx.data.transforms import random_shift
 
 
 def _seed(*parts: int) -> int:

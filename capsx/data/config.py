@@ -26,9 +26,19 @@ class DataConfig(Section):
     test_subset: int | None = Field(None, ge=1)  # evaluate on a seeded random subset
     augment: AugmentConfig = AugmentConfig()
 
-    input_shape: ClassVar[tuple[int, int, int]]
     classes: ClassVar[list[str]]
     needs_root: ClassVar[bool] = False  # read from disk (True) or generated (False)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model sees."""
+        raise NotImplementedError  # every registered subclass overrides it
+
+    @property
+    def train_shift(self) -> int:
+        """The random shift (pixels, each direction) the training batches get on the device:
+        the recipe's augmentation, or a data set's own random placement."""
+        return self.augment.shift
 
     def load(self, root: Path) -> DataSplits:
         raise NotImplementedError  # every registered subclass overrides it

@@ -101,8 +101,11 @@ class ShapesConfig(DataConfig):
     min_scale: float = Field(0.55, gt=0, le=1)
     max_scale: float = Field(1.0, gt=0, le=1)
 
-    input_shape: ClassVar[tuple[int, int, int]] = (1, SIZE, SIZE)
     classes: ClassVar[list[str]] = SHAPE_NAMES
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (1, SIZE, SIZE)
 
     def load(self, root: Path) -> DataSplits:
         return DataSplits(
