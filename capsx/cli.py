@@ -106,6 +106,8 @@ def train(
 
     changes = [*(set_ or []), *(overrides or [])]
     payload = None
+    if seeds is not None and resume is not None:
+        raise CapsxError("--seeds starts new trainings; it does not go with --resume")
     if resume is not None and recipe is not None and "=" in recipe.name and not recipe.exists():
         changes, recipe = [str(recipe), *changes], None  # `--resume RUN key=value`: an override, not a recipe
     if resume is not None:
@@ -128,8 +130,6 @@ def train(
     from capsx.experiment import run_seeds, run_training
 
     if seeds is not None:
-        if payload is not None:
-            raise CapsxError("--seeds starts new trainings; it does not go with --resume")
         code, _ = run_seeds(loaded, _parse_seeds(seeds), recipe_path=str(recipe), data_root=data_root,
                             tracking_uri=tracking_uri, track=not no_track, runs_dir=runs_dir)
     else:
@@ -170,7 +170,8 @@ def eval_(
         "--sweep", help="Accuracy over a transform of the test split: NAME=START:STOP:STEP with NAME rotate "
                         "(degrees), scale, shear or shift (pixels), e.g. --sweep rotate=-45:45:5.")] = None,
     images: Annotated[int | None, typer.Option(
-        "--images", help="With --sweep: a seeded random subset of this many test images per point.")] = None,
+        "--images", help="Evaluate a seeded random subset of this many images (the same every time; with "
+                         "--sweep, per point).")] = None,
     data_root: DataRootOpt = None,
     tracking_uri: TrackingOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
@@ -182,24 +183,22 @@ def eval_(
     from capsx.sweep import parse_sweep
 
     refs = runs or ["latest"]
+    if images is not None and images < 1:
+        raise CapsxError(f"--images {images}: expected at least 1")
     if sweep is not None:
         spec = parse_sweep(sweep)
         if check or dataset != "test":
             raise CapsxError("--sweep transforms each run's own test split; give it without --check and --dataset")
-        if images is not None and images < 1:
-            raise CapsxError(f"--images {images}: expected at least 1")
         run_sweep(refs, spec, images=images, data_root=data_root, tracking_uri=tracking_uri, runs_dir=runs_dir,
                   log=log, device_name=device)
         return
-    if images is not None:
-        raise CapsxError("--images goes with --sweep")
     from capsx.paper import CheckFailed
 
     failed: list[CheckFailed] = []
     for ref in refs:
         try:
             run_evaluation(ref, data_root=data_root, tracking_uri=tracking_uri, runs_dir=runs_dir, log=log,
-                           device_name=device, dataset=dataset, check=check)
+                           device_name=device, dataset=dataset, check=check, images=images)
         except CheckFailed as e:  # evaluate every run before saying which missed
             failed.append(e)
     if failed:

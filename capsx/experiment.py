@@ -224,7 +224,8 @@ def sync_run(run_dir: Path, tracking_uri: str | None) -> int:
 
 
 def run_evaluation(ref: str, *, data_root: Path | None, tracking_uri: str | None, runs_dir: Path, log: bool,
-                   device_name: str, dataset: str = "test", check: bool = False) -> EvalResult:
+                   device_name: str, dataset: str = "test", check: bool = False,
+                   images: int | None = None) -> EvalResult:
     """Evaluate a run's best checkpoint on its test split (or an affNIST-style set); print and
     (optionally) log the results; with `check`, compare with the recipe's paper numbers."""
     ckpt = resolve_checkpoint(ref, runs_dir, tracking_uri, which="best")
@@ -235,6 +236,8 @@ def run_evaluation(ref: str, *, data_root: Path | None, tracking_uri: str | None
     if check:
         check_rows(recipe.paper, dataset, 0.0)  # no paper number for it: say so before evaluating
     test = eval_set(recipe, dataset, root, run_label=str(payload.get("run_id") or ckpt))
+    if images is not None:
+        test = test.subset(images)  # seeded: the same images every time
     batches = Batches(test.to(device), recipe.data.eval_batch_size)
     result = evaluate(model, batches, recipe.loss_config, precision=recipe.train.precision, device=device,
                       classes=recipe.data.classes)
@@ -280,14 +283,14 @@ def eval_set(recipe: Recipe, dataset: str, root: Path, run_label: str) -> ImageS
         return recipe.data.load_splits(root).test
     if dataset not in EVAL_SETS:
         raise CapsxError(f"--dataset {dataset!r}: expected one of: {', '.join(EVAL_SETS)}")
+    if recipe.data.classes != [str(d) for d in range(10)]:
+        raise CapsxError(f"--dataset {dataset} holds digits 0-9 but run {run_label} was trained on "
+                         f"{recipe.data.name} ({', '.join(recipe.data.classes)})")
     have, want = (1, EVAL_CANVAS, EVAL_CANVAS), recipe.data.input_shape
     if have != want:  # before reading anything: a model takes one input size
         raise CapsxError(f"--dataset {dataset} holds {'x'.join(map(str, have[1:]))} images but run {run_label}'s "
                          f"model takes {'x'.join(map(str, want[1:]))}; evaluate a run trained on a 40x40 canvas "
                          "(e.g. recipes/mnist-translated.yaml)")
-    if recipe.data.classes != [str(d) for d in range(10)]:
-        raise CapsxError(f"--dataset {dataset} holds digits 0-9 but run {run_label} was trained on "
-                         f"{recipe.data.name} ({', '.join(recipe.data.classes)})")
     images = load_eval_set(dataset, root)
     assert tuple(images.images.shape[1:]) == have, images.images.shape
     return images

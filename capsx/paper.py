@@ -33,7 +33,7 @@ class PaperNumber(Section):
     def _band_holds_value(self) -> PaperNumber:
         low, high = self.band
         if not 0 <= low <= high <= 100:
-            raise ValueError(f"band {self.band}: expected [low, high] with 0 <= low <= high <= 100")
+            raise ValueError(f"band [{low:g}, {high:g}]: expected [low, high] with 0 <= low <= high <= 100")
         return self
 
 

@@ -97,12 +97,12 @@ def test_affine_mnist_is_deterministic_and_keeps_every_digit_on_the_canvas(tmp_p
     assert left.min() <= 2 and right.max() >= 37
 
 
-def _mnist_with_a_leak(root: Path, copies: int) -> Path:
-    write_mnist(root, n_train=50, n_test=20)
+def _mnist_with_a_leak(root: Path, copies: int, n_test: int = 20) -> Path:
+    write_mnist(root, n_train=50, n_test=n_test)
     raw = root / "MNIST" / "raw"
     data = (raw / "train-images-idx3-ubyte").read_bytes()
     train = np.frombuffer(data[16:], np.uint8).reshape(50, 28, 28)
-    test = np.frombuffer((raw / "t10k-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(20, 28, 28).copy()
+    test = np.frombuffer((raw / "t10k-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(n_test, 28, 28).copy()
     test[3:3 + copies] = train[7:7 + copies]  # test images that are train images
     write_idx(raw / "t10k-images-idx3-ubyte", test)
     return root

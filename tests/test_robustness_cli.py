@@ -68,6 +68,12 @@ def test_eval_on_affnist_and_affine_mnist_logs_under_the_set_name(trained):
     assert invoke("eval", ids["caps40"], "--dataset", "affine-mnist", *common).exit_code == 0
     again = client.get_metric_history(ids["caps40"], "eval/affine-mnist/error")
     assert {m.value for m in again} == {error.value}
+    # --images: a seeded subset, the same every time
+    outs = [invoke("eval", ids["caps40"], "--dataset", "affine-mnist", "--images", "10", "--no-log", *common).output
+            for _ in range(2)]
+    assert "│ 10 " in outs[0] and outs[0].count("%") == outs[1].count("%")
+    assert [line for line in outs[0].splitlines() if "test error" in line] == \
+        [line for line in outs[1].splitlines() if "test error" in line]
 
 
 def test_rotation_sweep_of_two_runs_is_a_metric_series_a_table_and_one_plot(trained):
