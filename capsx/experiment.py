@@ -150,6 +150,9 @@ def run_seeds(recipe: Recipe, seeds: list[int], *, recipe_path: str, data_root: 
     from capsx.recipe import recipe_from_dict
 
     device = resolve_device(recipe.device)
+    autocast(device, recipe.train.precision)
+    root = resolve_data_root(str(data_root) if data_root else None, getattr(recipe.data, "root", None))
+    recipe.data.load_splits(root)  # a missing or broken data set: an error before the parent run exists
     experiment = recipe.tracking.experiment or recipe.name
     uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri, runs_dir)
     parent: Tracker | NullTracker
@@ -164,7 +167,8 @@ def run_seeds(recipe: Recipe, seeds: list[int], *, recipe_path: str, data_root: 
     else:
         parent = NullTracker(uuid.uuid4().hex)
     summary = SeedSummary(seeds, [], [], [])
-    console.print(f"[bold]seeds[/] {', '.join(map(str, seeds))}: parent run {parent.run_id}", soft_wrap=True)
+    console.print(f"[bold]seeds[/] {', '.join(map(str, seeds))}" + (f": parent run {parent.run_id}" if track else ""),
+                  soft_wrap=True)
     try:
         for seed in seeds:
             raw = recipe.to_dict()
@@ -193,7 +197,7 @@ def run_seeds(recipe: Recipe, seeds: list[int], *, recipe_path: str, data_root: 
                             f" (mean +- std over {len(seeds)} seeds)"),
              ("best test error", f"{100 * stats['seeds/best_test_error_mean']:.2f}% +- "
                                  f"{100 * stats['seeds/best_test_error_std']:.2f}"),
-             ("parent run", parent.run_id)]
+             *([("parent run", parent.run_id)] if track else [])]
     console.print(key_value_table(f"{recipe.name}: {len(seeds)} seeds", rows))
     return 0, summary
 

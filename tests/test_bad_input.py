@@ -138,6 +138,8 @@ CASES = [
     ("paper-not-a-list", _recipe(paper=PAPER), ["train", "{r}"], 2, ["paper: expected a list"]),
     ("seeds-not-ints", _recipe(), ["train", "{r}", "--seeds", "0,one"], 2, ["--seeds '0,one'", "integers"]),
     ("seeds-repeated", _recipe(), ["train", "{r}", "--seeds", "0,0"], 2, ["a seed is repeated"]),
+    ("seeds-mnist-missing", _recipe(data={"name": "mnist"}), ["train", "{r}", "--seeds", "0,1", "--data-root",
+                                                                 "{tmp}/none"], 2, ["MNIST not found"]),
     ("seeds-and-resume", None, ["train", "--resume", "latest", "--seeds", "0,1"], 2, ["does not go with --resume"]),
     ("sweep-unknown", None, ["eval", "{tmp}/ckpt/caps.pt", "--sweep", "twist=0:1:1"], 2,
      ["unknown transform 'twist'", "rotate, scale, shear, shift"]),
