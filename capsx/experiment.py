@@ -159,6 +159,7 @@ def run_seeds(recipe: Recipe, seeds: list[int], *, recipe_path: str, data_root: 
     if track:
         ensure_writable(runs_dir)
         tags = {**_run_tags(recipe, device), "capsx.seeds": ",".join(map(str, seeds))}
+        del tags["capsx.seed"]  # each child has its own
         parent = Tracker.start(uri, experiment, run_name=f"{recipe.name} seeds {','.join(map(str, seeds))}",
                                tags=tags)
         params = recipe.to_dict()

@@ -130,6 +130,7 @@ def test_train_with_seeds_nests_a_run_per_seed_and_logs_mean_and_std(workdir):
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["capsx.seeds"] == "0,1"
+    assert "capsx.seed" not in parent.data.tags
     assert parent.data.params["train.seed"] == "0,1"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert sorted(c.data.tags["capsx.seed"] for c in children) == ["0", "1"]
