@@ -98,6 +98,9 @@ def train(
     nproc: Annotated[int, typer.Option(
         "--nproc", min=1, help="Train data-parallel in N processes on this machine (torchrun + DDP; gloo on "
                                "CPU, NCCL on CUDA). data.batch_size is the global batch.")] = 1,
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", help="Train once per seed, e.g. 0,1,2: one MLflow parent run, a child per seed, and the "
+                        "mean +- std of the test error.")] = None,
 ) -> None:
     """Train a recipe: progress bar, test evaluation every epoch, checkpoints, MLflow run."""
     from capsx.checkpoint import load_checkpoint
@@ -106,6 +109,8 @@ def train(
 
     changes = [*(set_ or []), *(overrides or [])]
     payload = None
+    if seeds is not None and resume is not None:
+        raise CapsxError("--seeds starts new trainings; it does not go with --resume")
     if resume is not None and recipe is not None and "=" in recipe.name and not recipe.exists():
         changes, recipe = [str(recipe), *changes], None  # `--resume RUN key=value`: an override, not a recipe
     if resume is not None:
@@ -128,6 +133,8 @@ def train(
     if nproc > 1:
         from capsx import distributed
 
+        if seeds is not None:
+            raise CapsxError("--seeds with --nproc: not supported together; run each seed with --nproc")
         if distributed.in_worker():
             raise CapsxError("--nproc starts the worker processes itself; under torchrun, leave it out")
         if loaded.data.batch_size % nproc:
@@ -143,13 +150,27 @@ def train(
         if code:
             raise typer.Exit(code)
         return
-    from capsx.experiment import run_training
+    from capsx.experiment import run_seeds, run_training
 
-    code = run_training(loaded, recipe_path=str(recipe or resume), data_root=data_root, tracking_uri=tracking_uri,
-                        track=not no_track, runs_dir=runs_dir, resume=payload,
-                        resume_dir=ckpt.parent.parent if payload is not None else None)
+    if seeds is not None:
+        code, _ = run_seeds(loaded, _parse_seeds(seeds), recipe_path=str(recipe), data_root=data_root,
+                            tracking_uri=tracking_uri, track=not no_track, runs_dir=runs_dir)
+    else:
+        code = run_training(loaded, recipe_path=str(recipe or resume), data_root=data_root,
+                            tracking_uri=tracking_uri, track=not no_track, runs_dir=runs_dir, resume=payload,
+                            resume_dir=ckpt.parent.parent if payload is not None else None).code
     if code:
         raise typer.Exit(code)
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise CapsxError(f"--seeds {text!r}: expected a comma-separated list of integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise CapsxError(f"--seeds {text!r}: a seed is repeated; expected distinct seeds")
+    return seeds
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -158,18 +179,54 @@ def train(
 @app.command("eval")
 @handles_errors
 def eval_(
-    run: Annotated[str, typer.Argument(help="An MLflow run id, 'latest', or a checkpoint path.")] = "latest",
+    runs: Annotated[list[str] | None, typer.Argument(
+        help="MLflow run ids, 'latest', or checkpoint paths (several: a sweep compares them in one plot).",
+        show_default="latest")] = None,
+    dataset: Annotated[str, typer.Option(
+        "--dataset", help="test (the run's own test split), affnist (the real affNIST test set under "
+                          "<data root>/affNIST/) or affine-mnist (MNIST test digits under seeded random affine "
+                          "transforms in affNIST's ranges; 40x40).")] = "test",
+    check: Annotated[bool, typer.Option(
+        "--check", help="Compare with the paper's number in the recipe's `paper:` section; exit 1 outside "
+                        "its band.")] = False,
+    sweep: Annotated[str | None, typer.Option(
+        "--sweep", help="Accuracy over a transform of the test split: NAME=START:STOP:STEP with NAME rotate "
+                        "(degrees), scale, shear or shift (pixels), e.g. --sweep rotate=-45:45:5.")] = None,
+    images: Annotated[int | None, typer.Option(
+        "--images", help="Evaluate a seeded random subset of this many images (the same every time; with "
+                         "--sweep, per point).")] = None,
     data_root: DataRootOpt = None,
     tracking_uri: TrackingOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
     log: Annotated[bool, typer.Option("--log/--no-log", help="Log the results to the run in MLflow.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
 ) -> None:
-    """Test error, per-class accuracy and confusion matrix of a trained run."""
-    from capsx.experiment import run_evaluation
+    """Test error, per-class accuracy and confusion matrix of trained runs; robustness sweeps; the paper check."""
+    from capsx.experiment import run_evaluation, run_sweep
+    from capsx.sweep import parse_sweep
 
-    run_evaluation(run, data_root=data_root, tracking_uri=tracking_uri, runs_dir=runs_dir, log=log,
-                   device_name=device)
+    refs = runs or ["latest"]
+    if images is not None and images < 1:
+        raise CapsxError(f"--images {images}: expected at least 1")
+    if sweep is not None:
+        spec = parse_sweep(sweep)
+        if check or dataset != "test":
+            raise CapsxError("--sweep transforms each run's own test split; give it without --check and --dataset")
+        run_sweep(refs, spec, images=images, data_root=data_root, tracking_uri=tracking_uri, runs_dir=runs_dir,
+                  log=log, device_name=device)
+        return
+    from capsx.paper import CheckFailed
+
+    failed: list[CheckFailed] = []
+    for ref in refs:
+        try:
+            run_evaluation(ref, data_root=data_root, tracking_uri=tracking_uri, runs_dir=runs_dir, log=log,
+                           device_name=device, dataset=dataset, check=check, images=images)
+        except CheckFailed as e:  # evaluate every run before saying which missed
+            failed.append(e)
+    if failed:
+        raise failed[0] if len(refs) == 1 else CheckFailed(f"{len(failed)} of {len(refs)} runs outside the "
+                                                           f"paper's band; first: {failed[0]}")
 
 
 # -------------------------------------------------------------------------------------------- summary

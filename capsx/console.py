@@ -11,6 +11,7 @@ from rich.text import Text
 
 from capsx.engine import EpochTotals
 from capsx.metrics import EvalResult
+from capsx.paper import CheckRow
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -107,4 +108,17 @@ def confusion_table(result: EvalResult) -> Table:
             n = int(result.confusion[k, j])
             cells.append(f"[green]{n}[/]" if j == k else (f"[red]{n}[/]" if n else "[dim]0[/]"))
         table.add_row(name, *cells)
+    return table
+
+
+def paper_check_table(title: str, rows: Sequence[CheckRow]) -> Table:
+    """Measured against the paper: one row per number, green inside the band, red outside."""
+    table = Table(title=title, title_justify="left")
+    for col in ("metric", "paper", "band", "measured", "", "source"):
+        table.add_column(col, justify="right" if col in ("paper", "band", "measured") else "left")
+    for r in rows:
+        n = r.number
+        verdict = "[green]within[/]" if r.within else "[red]outside[/]"
+        table.add_row(n.metric, f"{n.value:g}%", f"{n.band[0]:g}-{n.band[1]:g}%", f"{r.measured:.2f}%", verdict,
+                      n.source)
     return table

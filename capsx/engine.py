@@ -184,7 +184,7 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
     check_memory(model, criterion, data_cfg.input_shape, recipe.optimizer.name, run.device,
                  min(local_batch, len(splits.train)), data_cfg.objects)
     train_batches = Batches(splits.train.to(run.device), data_cfg.batch_size, shuffle=True, seed=cfg.seed,
-                            shift=data_cfg.augment.shift, crop=data_cfg.augment.crop,
+                            shift=data_cfg.train_shift, crop=data_cfg.augment.crop,
                             max_steps=cfg.max_steps_per_epoch, rank=group.rank, world=group.world)
     test_batches = Batches(splits.test.to(run.device), data_cfg.eval_batch_size, rank=group.rank,
                            world=group.world)

@@ -5,48 +5,75 @@ log and report. The CLI calls these; tests and notebooks can too."""
 from __future__ import annotations
 
 import getpass
+import math
 import platform
 import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 
 from capsx import __version__, distributed
 from capsx.checkpoint import load_checkpoint
-from capsx.console import ProgressReporter, confusion_table, console, key_value_table, per_class_table
-from capsx.data import Batches, resolve_data_root
+from capsx.console import (
+    ProgressReporter,
+    confusion_table,
+    console,
+    key_value_table,
+    paper_check_table,
+    per_class_table,
+)
+from capsx.data import Batches, ImageSet, resolve_data_root
+from capsx.data.affnist import CANVAS as EVAL_CANVAS
+from capsx.data.affnist import load_eval_set
+from capsx.data.imageset import Examples
 from capsx.device import autocast, describe_device, resolve_device
 from capsx.distributed import Group
 from capsx.engine import FitResult, Interrupted, QuietReporter, Run, evaluate, fit, load_model
 from capsx.errors import CapsxError, RunError
 from capsx.metrics import EvalResult
+from capsx.paper import EVAL_SETS, CheckFailed, check_rows
 from capsx.recipe import Recipe
 from capsx.runs import RunInfo, ensure_writable, make_run_dir, read_run_info, resolve_checkpoint, run_tracking_uri
+from capsx.sweep import SweepSpec
 from capsx.tracking import NullTracker, Tracker, resolve_tracking_uri
+
+
+@dataclass
+class TrainingOutcome:
+    """How one training ended: its exit code (0, or 130/143 when interrupted), its run and results."""
+
+    code: int
+    run_id: str
+    result: FitResult | None = None
 
 
 def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tracking_uri: str | None,
                  track: bool, runs_dir: Path, resume: dict[str, Any] | None = None,
-                 resume_dir: Path | None = None) -> int:
-    """Train with tracking and reporting; returns the exit code (0, or 130/143 when interrupted).
-    Under torchrun every process calls this; rank 0 alone tracks, prints and writes checkpoints."""
+                 resume_dir: Path | None = None, parent_run_id: str | None = None) -> TrainingOutcome:
+    """Train with tracking and reporting. `parent_run_id`: the MLflow run this one is nested under
+    (one seed of `train --seeds`). Under torchrun every process calls this; rank 0 alone tracks,
+    prints and writes checkpoints."""
     group, device = distributed.join(resolve_device(recipe.device))
     if not group.is_main:
         console.quiet = True
     try:
         return _train(recipe, group, device, recipe_path=recipe_path, data_root=data_root,
-                      tracking_uri=tracking_uri, track=track, runs_dir=runs_dir, resume=resume, resume_dir=resume_dir)
+                      tracking_uri=tracking_uri, track=track, runs_dir=runs_dir, resume=resume, resume_dir=resume_dir,
+                      parent_run_id=parent_run_id)
     finally:
         distributed.leave()
 
 
 def _train(recipe: Recipe, group: Group, device: torch.device, *, recipe_path: str, data_root: Path | None,
            tracking_uri: str | None, track: bool, runs_dir: Path, resume: dict[str, Any] | None,
-           resume_dir: Path | None) -> int:
+           resume_dir: Path | None, parent_run_id: str | None) -> TrainingOutcome:
     autocast(device, recipe.train.precision)  # an impossible precision is an error now, not after set-up
     root = resolve_data_root(str(data_root) if data_root else None, getattr(recipe.data, "root", None))
     splits = recipe.data.load_splits(root)  # a missing or broken data set too: before any run exists
@@ -66,7 +93,10 @@ def _train(recipe: Recipe, group: Group, device: torch.device, *, recipe_path: s
         uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri, runs_dir)
         ensure_writable(runs_dir)  # before an MLflow run exists that could not be finished
         if track:
-            tracker = Tracker.start(uri, experiment, run_name=recipe.tracking.run_name, tags=_run_tags(recipe, device))
+            tags = _run_tags(recipe, device)
+            if parent_run_id is not None:
+                tags["mlflow.parentRunId"] = parent_run_id  # what makes MLflow show it nested
+            tracker = Tracker.start(uri, experiment, run_name=recipe.tracking.run_name, tags=tags)
         else:
             tracker = NullTracker(uuid.uuid4().hex)
         run_dir = make_run_dir(runs_dir, experiment, tracker.run_id)
@@ -103,7 +133,7 @@ def _train(recipe: Recipe, group: Group, device: torch.device, *, recipe_path: s
                       f"{stop.state.global_step}; saved {stop.checkpoint}")
         nproc = f" --nproc {group.world}" if group.active else ""
         console.print(f"  continue with: capsx train --resume {tracker.run_id}{nproc}")
-        return 128 + stop.signum
+        return TrainingOutcome(128 + stop.signum, tracker.run_id)
     except RunError as e:
         reporter.close()
         _end(tracker, run_dir, "FAILED", note=str(e))
@@ -118,7 +148,84 @@ def _train(recipe: Recipe, group: Group, device: torch.device, *, recipe_path: s
         tracker.log_dict(_confusion_dict(result.final), "test/confusion_matrix.json")
     _end(tracker, run_dir, "FINISHED")
     _print_fit_summary(recipe, result, tracker.run_id, run_dir)
-    return 0
+    return TrainingOutcome(0, tracker.run_id, result)
+
+
+@dataclass
+class SeedSummary:
+    seeds: list[int]
+    run_ids: list[str]
+    final_errors: list[float]  # fractions, one per seed
+    best_errors: list[float]
+
+    def stats(self) -> dict[str, float]:
+        """Mean and sample standard deviation (n - 1; 0 for one seed) of the test errors."""
+        out: dict[str, float] = {"seeds/count": float(len(self.seeds))}
+        for key, xs in (("test_error", self.final_errors), ("best_test_error", self.best_errors)):
+            mean = sum(xs) / len(xs)
+            var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+            out[f"seeds/{key}_mean"], out[f"seeds/{key}_std"] = mean, math.sqrt(var)
+        return out
+
+
+def run_seeds(recipe: Recipe, seeds: list[int], *, recipe_path: str, data_root: Path | None,
+              tracking_uri: str | None, track: bool, runs_dir: Path) -> tuple[int, SeedSummary]:
+    """One training per seed, each a child of one parent MLflow run that gets the mean and std of
+    the test error (the paper's "mean of 3 trials"). Returns the exit code and the summary."""
+    from capsx.recipe import recipe_from_dict
+
+    device = resolve_device(recipe.device)
+    autocast(device, recipe.train.precision)
+    root = resolve_data_root(str(data_root) if data_root else None, getattr(recipe.data, "root", None))
+    recipe.data.load_splits(root)  # a missing or broken data set: an error before the parent run exists
+    experiment = recipe.tracking.experiment or recipe.name
+    uri = resolve_tracking_uri(tracking_uri, recipe.tracking.uri, runs_dir)
+    parent: Tracker | NullTracker
+    if track:
+        ensure_writable(runs_dir)
+        tags = {**_run_tags(recipe, device), "capsx.seeds": ",".join(map(str, seeds))}
+        del tags["capsx.seed"]  # each child has its own
+        parent = Tracker.start(uri, experiment, run_name=f"{recipe.name} seeds {','.join(map(str, seeds))}",
+                               tags=tags)
+        params = recipe.to_dict()
+        params["train"]["seed"] = ",".join(map(str, seeds))
+        parent.log_params(params)
+    else:
+        parent = NullTracker(uuid.uuid4().hex)
+    summary = SeedSummary(seeds, [], [], [])
+    console.print(f"[bold]seeds[/] {', '.join(map(str, seeds))}" + (f": parent run {parent.run_id}" if track else ""),
+                  soft_wrap=True)
+    try:
+        for seed in seeds:
+            raw = recipe.to_dict()
+            raw["train"]["seed"] = seed
+            raw["tracking"]["run_name"] = f"{recipe.tracking.run_name or recipe.name} seed {seed}"
+            child = recipe_from_dict(raw, source=recipe_path)
+            done = run_training(child, recipe_path=recipe_path, data_root=data_root, tracking_uri=uri,
+                                track=track, runs_dir=runs_dir, parent_run_id=parent.run_id if track else None)
+            if done.code:
+                parent.end("KILLED", note=f"stopped during seed {seed} (run {done.run_id})")
+                return done.code, summary
+            assert done.result is not None and done.result.final is not None
+            summary.run_ids.append(done.run_id)
+            summary.final_errors.append(done.result.final.error)
+            best = done.result.state.best_error
+            summary.best_errors.append(best if best is not None else done.result.final.error)
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    stats = summary.stats()
+    parent.log_metrics(stats, step=0)
+    parent.end("FINISHED")
+    rows = [(f"seed {s}", f"{100 * e:.2f}% final, {100 * b:.2f}% best  (run {r})")
+            for s, e, b, r in zip(seeds, summary.final_errors, summary.best_errors, summary.run_ids, strict=True)]
+    rows += [("test error", f"{100 * stats['seeds/test_error_mean']:.2f}% +- {100 * stats['seeds/test_error_std']:.2f}"
+                            f" (mean +- std over {len(seeds)} seeds)"),
+             ("best test error", f"{100 * stats['seeds/best_test_error_mean']:.2f}% +- "
+                                 f"{100 * stats['seeds/best_test_error_std']:.2f}"),
+             *([("parent run", parent.run_id)] if track else [])]
+    console.print(key_value_table(f"{recipe.name}: {len(seeds)} seeds", rows))
+    return 0, summary
 
 
 def _end(tracker: Tracker | NullTracker, run_dir: Path, status: str, note: str | None = None) -> None:
@@ -147,20 +254,27 @@ def sync_run(run_dir: Path, tracking_uri: str | None) -> int:
 
 
 def run_evaluation(ref: str, *, data_root: Path | None, tracking_uri: str | None, runs_dir: Path, log: bool,
-                   device_name: str) -> EvalResult:
-    """Evaluate a run's best checkpoint on its test split; print and (optionally) log the results."""
+                   device_name: str, dataset: str = "test", check: bool = False,
+                   images: int | None = None) -> EvalResult:
+    """Evaluate a run's best checkpoint on its test split (or an affNIST-style set); print and
+    (optionally) log the results; with `check`, compare with the recipe's paper numbers."""
     ckpt = resolve_checkpoint(ref, runs_dir, tracking_uri, which="best")
     payload = load_checkpoint(ckpt)
     device = resolve_device(device_name)
     recipe, model = load_model(payload, device)
     root = resolve_data_root(str(data_root) if data_root else None, getattr(recipe.data, "root", None))
-    test = recipe.data.load_splits(root).test
+    if check:
+        check_rows(recipe.paper, dataset, 0.0)  # no paper number for it: say so before evaluating
+    test = eval_set(recipe, dataset, root, run_label=str(payload.get("run_id") or ckpt))
+    if images is not None:
+        test = test.subset(images)  # seeded: the same images every time
     batches = Batches(test.to(device), recipe.data.eval_batch_size)
     result = evaluate(model, batches, recipe.loss_config, precision=recipe.train.precision, device=device,
                       classes=recipe.data.classes)
     epoch = int(payload.get("state", {}).get("epoch", 0))
     run_id = payload.get("run_id")
-    console.print(key_value_table(f"{recipe.name}: {recipe.model.name} on {recipe.data.name} (test split)", [
+    split = "test split" if dataset == "test" else dataset
+    console.print(key_value_table(f"{recipe.name}: {recipe.model.name} on {recipe.data.name} ({split})", [
         ("checkpoint", str(ckpt)), ("run", str(run_id)), ("epochs trained", str(epoch)),
         ("test images", f"{result.images:,}"), ("test error", f"{100 * result.error:.2f}%"),
         ("test accuracy", f"{100 * result.accuracy:.2f}%"), ("test loss", f"{result.loss:.4f}"),
@@ -169,19 +283,49 @@ def run_evaluation(ref: str, *, data_root: Path | None, tracking_uri: str | None
     ]))
     console.print(per_class_table(result))
     console.print(confusion_table(result))
+    prefix = "eval" if dataset == "test" else f"eval/{dataset}"
+    rows = check_rows(recipe.paper, dataset, result.error) if check else []
     if log and run_id:
         uri = run_tracking_uri(ckpt, tracking_uri, runs_dir)
         if uri is None:
             console.print("[dim]not logged: the run was trained without tracking[/]")
         else:
             tracker = Tracker.attach(uri, run_id)
-            metrics = result.as_metrics("eval")
-            metrics.update({f"eval/acc_class/{name}": float(a) for name, a in
+            metrics = result.as_metrics(prefix)
+            metrics.update({f"{prefix}/acc_class/{name}": float(a) for name, a in
                             zip(result.classes, result.per_class_accuracy.tolist(), strict=True) if a == a})
+            metrics.update({f"{prefix}/paper_check/{r.number.metric}": float(r.within) for r in rows})
             tracker.log_metrics(metrics, step=epoch)
-            tracker.log_dict(_confusion_dict(result), "eval/confusion_matrix.json")
+            tracker.log_dict(_confusion_dict(result), f"{prefix}/confusion_matrix.json")
             console.print(f"[dim]logged to run {run_id} at {uri}[/]")
+    if rows:
+        console.print(paper_check_table(f"{recipe.name} against the paper ({split})", rows))
+        outside = [r for r in rows if not r.within]
+        if outside:
+            r = outside[0]
+            raise CheckFailed(f"--check: {r.number.metric} {r.measured:.2f}% is outside the paper's band "
+                              f"[{r.number.band[0]}, {r.number.band[1]}]% (paper: {r.number.value}%, "
+                              f"{r.number.source})")
     return result
+
+
+def eval_set(recipe: Recipe, dataset: str, root: Path, run_label: str) -> Examples:
+    """The images `capsx eval --dataset` means, refused if the run's model takes another size."""
+    if dataset == "test":
+        return recipe.data.load_splits(root).test
+    if dataset not in EVAL_SETS:
+        raise CapsxError(f"--dataset {dataset!r}: expected one of: {', '.join(EVAL_SETS)}")
+    if recipe.data.classes != [str(d) for d in range(10)]:
+        raise CapsxError(f"--dataset {dataset} holds digits 0-9 but run {run_label} was trained on "
+                         f"{recipe.data.name} ({', '.join(recipe.data.classes)})")
+    have, want = (1, EVAL_CANVAS, EVAL_CANVAS), recipe.data.input_shape
+    if have != want:  # before reading anything: a model takes one input size
+        raise CapsxError(f"--dataset {dataset} holds {'x'.join(map(str, have[1:]))} images but run {run_label}'s "
+                         f"model takes {'x'.join(map(str, want[1:]))}; evaluate a run trained on a 40x40 canvas "
+                         "(e.g. recipes/mnist-translated.yaml)")
+    images = load_eval_set(dataset, root)
+    assert tuple(images.images.shape[1:]) == have, images.images.shape
+    return images
 
 
 def _confusion_dict(result: EvalResult) -> dict[str, Any]:
@@ -230,3 +374,50 @@ def _print_fit_summary(recipe: Recipe, result: FitResult, run_id: str, run_dir: 
         rows.append(("train images/s", f"{last['time/images_per_s']:.1f} (last epoch)"))
     rows += [("wall time", f"{result.seconds:.1f} s"), ("run dir", str(run_dir))]
     console.print(key_value_table(f"{recipe.name}: done", rows))
+
+
+def run_sweep(refs: list[str], spec: SweepSpec, *, images: int | None, data_root: Path | None,
+              tracking_uri: str | None, runs_dir: Path, log: bool, device_name: str) -> dict[str, Sequence[float]]:
+    """Accuracy of each run over the sweep's values, on its own test split; a Rich table, an MLflow
+    metric series per run (`sweep/<name>/acc` and `sweep/<name>/value`, step = the value's index)
+    and one plot of every run's curve, saved beside each run and logged to it."""
+    from capsx.inspection import open_trained
+    from capsx.pictures import canvas, curves
+    from capsx.sweep import apply_transform
+
+    trained = [open_trained(ref, None, runs_dir=runs_dir, tracking_uri=tracking_uri, data_root=data_root,
+                            device_name=device_name, log=log) for ref in refs]
+    results: dict[str, Sequence[float]] = {}
+    for t in trained:
+        label = f"{t.recipe.name} ({t.recipe.model.name}, {str(t.run_id or t.checkpoint.stem)[:8]})"
+        test = t.test_set()
+        if images is not None:
+            test = test.subset(images)
+        device = next(t.model.parameters()).device
+        accuracies = []
+        for i, value in enumerate(spec.values):
+            moved = ImageSet(apply_transform(test.images, spec.name, value), test.labels)
+            result = evaluate(t.model, Batches(moved.to(device), t.recipe.data.eval_batch_size), t.recipe.loss_config,
+                              precision=t.recipe.train.precision, device=device, classes=t.classes)
+            accuracies.append(result.accuracy)
+            if t.tracker is not None:
+                t.tracker.log_metrics({f"sweep/{spec.name}/acc": result.accuracy,
+                                       f"sweep/{spec.name}/value": value}, step=i)
+            console.print(f"  {label}: {spec.name} {value:g} -> {100 * result.accuracy:.2f}%", style="dim")
+        results[label] = accuracies
+    table = Table(title=f"test accuracy under {spec.name} ({spec.transform.unit})", title_justify="left")
+    table.add_column(spec.name, justify="right")
+    for label in results:
+        table.add_column(label, justify="right")
+    for i, value in enumerate(spec.values):
+        table.add_row(f"{value:g}", *(f"{100 * accs[i]:.2f}%" for accs in results.values()))
+    console.print(table)
+    picture = curves.accuracy_curves(f"accuracy under {spec.name}", f"{spec.name} ({spec.transform.unit})",
+                                     spec.values, results)
+    for t in trained:
+        path = canvas.save_png(picture, t.out_dir / f"sweep-{spec.name}.png")
+        console.print(f"  wrote {path}", soft_wrap=True)
+        if t.tracker is not None:
+            t.tracker.log_artifact(path, "sweep")
+            console.print(f"[dim]logged to run {t.run_id}[/]")
+    return results

@@ -21,6 +21,7 @@ from capsx.errors import RecipeError
 from capsx.losses import BinaryCrossEntropyConfig, CrossEntropyConfig, LossConfig, MarginLossConfig
 from capsx.models import MODELS, ModelConfig
 from capsx.optim import OptimizerConfig, ScheduleConfig
+from capsx.paper import PaperNumber
 from capsx.registry import Registry
 from capsx.schema import Section
 
@@ -88,6 +89,7 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, then MPS, then CPU
+    paper: list[PaperNumber] = Field(default_factory=list)  # the paper's numbers this recipe reproduces
 
     @model_validator(mode="after")
     def _default_loss(self) -> Recipe:
@@ -277,6 +279,8 @@ def _walk(cls: Any, loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
             fields = list(getattr(cls, "model_fields", {})) if cls else []
             continue
         path.append(str(part))
+        if isinstance(part, int):  # an item of a list of sections: still that section
+            continue
         info: FieldInfo | None = getattr(cls, "model_fields", {}).get(part) if cls else None
         if info is None:
             cls, fields = None, []
@@ -301,6 +305,8 @@ def _members(annotation: Any) -> list[Any]:
     if get_origin(annotation) is Annotated:
         return _members(get_args(annotation)[0])
     args = get_args(annotation)
+    if args and get_origin(annotation) is list:
+        return _members(args[0])
     if args and get_origin(annotation) in (Union, UnionType):
         return [m for a in args for m in _members(a)]
     return [annotation]

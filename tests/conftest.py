@@ -160,6 +160,12 @@ def real_mnist_root() -> Path | None:
     return None
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The split-integrity verdicts go to a temp cache, not the user's ~/.cache."""
+    os.environ["CAPSX_CACHE"] = str(tmp_path_factory.mktemp("capsx-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads() -> None:
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ from tests.conftest import tiny_recipe, write_mnist
 
 runner = CliRunner()
 CNN = {"name": "convnet_small", "channels": [4], "hidden": [8]}
+PAPER = {"metric": "error", "value": 1, "source": "x"}
 
 
 def _recipe(**changes: object) -> str:
@@ -123,6 +124,51 @@ CASES = [
     ("filters-unknown-layer", None, ["visualize", "filters", "--checkpoint", "{tmp}/ckpt/caps.pt", "--layer", "x",
                                      "--no-log"], 2, ["--layer 'x'", "conv1"]),
     ("sync-not-a-run", None, ["sync", "{tmp}"], 2, ["not a run directory"]),
+    ("canvas-odd", _recipe(data={"name": "mnist", "canvas": 41}), ["train", "{r}"], 2,
+     ["data: canvas 41", "28 plus an even margin"]),
+    ("canvas-small", _recipe(data={"name": "mnist", "canvas": 20}), ["train", "{r}"], 2, ["data.canvas", ">= 28"]),
+    ("canvas-and-shift", _recipe(data={"name": "mnist", "canvas": 40, "augment": {"shift": 2}}), ["train", "{r}"],
+     2, ["augment.shift must be 0 with a canvas"]),
+    ("paper-band-reversed", _recipe(paper=[{**PAPER, "band": [2, 1]}]), ["train", "{r}"], 2,
+     ["paper[0]: band [2, 1]", "0 <= low <= high <= 100"]),
+    ("paper-unknown-key", _recipe(paper=[{**PAPER, "band": [0, 2], "table": 1}]), ["train", "{r}"], 2,
+     ["paper[0].table: unknown key", "metric, value, band, dataset, source"]),
+    ("paper-metric", _recipe(paper=[{**PAPER, "band": [0, 2], "metric": "err"}]), ["train", "{r}"], 2,
+     ["paper[0].metric", "error, accuracy"]),
+    ("paper-not-a-list", _recipe(paper=PAPER), ["train", "{r}"], 2, ["paper: expected a list"]),
+    ("seeds-not-ints", _recipe(), ["train", "{r}", "--seeds", "0,one"], 2, ["--seeds '0,one'", "integers"]),
+    ("seeds-repeated", _recipe(), ["train", "{r}", "--seeds", "0,0"], 2, ["a seed is repeated"]),
+    ("seeds-mnist-missing", _recipe(data={"name": "mnist"}), ["train", "{r}", "--seeds", "0,1", "--data-root",
+                                                                 "{tmp}/none"], 2, ["MNIST not found"]),
+    ("seeds-and-resume", None, ["train", "--resume", "latest", "--seeds", "0,1"], 2, ["does not go with --resume"]),
+    ("sweep-unknown", None, ["eval", "{tmp}/ckpt/caps.pt", "--sweep", "twist=0:1:1"], 2,
+     ["unknown transform 'twist'", "rotate, scale, shear, shift"]),
+    ("sweep-two-numbers", None, ["eval", "{tmp}/ckpt/caps.pt", "--sweep", "rotate=-45:45"], 2,
+     ["--sweep 'rotate=-45:45'", "NAME=START:STOP:STEP"]),
+    ("sweep-no-equals", None, ["eval", "{tmp}/ckpt/caps.pt", "--sweep", "rotate"], 2, ["NAME=START:STOP:STEP"]),
+    ("sweep-word", None, ["eval", "{tmp}/ckpt/caps.pt", "--sweep", "rotate=a:b:c"], 2, ["NAME=START:STOP:STEP"]),
+    ("sweep-step-zero", None, ["eval", "{tmp}/ckpt/caps.pt", "--sweep", "rotate=0:10:0"], 2, ["STEP must be > 0"]),
+    ("sweep-reversed", None, ["eval", "{tmp}/ckpt/caps.pt", "--sweep", "rotate=10:0:5"], 2,
+     ["STOP 0 is below START 10"]),
+    ("sweep-scale-zero", None, ["eval", "{tmp}/ckpt/caps.pt", "--sweep", "scale=0:1:0.5"], 2,
+     ["scale values must be > 0"]),
+    ("sweep-too-many", None, ["eval", "{tmp}/ckpt/caps.pt", "--sweep", "shift=0:1000:0.5"], 2,
+     ["2001 points", "at most 1000"]),
+    ("sweep-and-check", None, ["eval", "{tmp}/ckpt/caps.pt", "--sweep", "rotate=0:1:1", "--check"], 2,
+     ["without --check and --dataset"]),
+    ("images-zero", None, ["eval", "{tmp}/ckpt/caps.pt", "--images", "0"], 2, ["--images 0: expected at least 1"]),
+    ("eval-dataset-unknown", None, ["eval", "{tmp}/ckpt/caps.pt", "--dataset", "imagenet", "--no-log"], 2,
+     ["--dataset 'imagenet'", "test, affnist, affine-mnist"]),
+    ("eval-size-mismatch", None, ["eval", "{tmp}/ckpt/caps28.pt", "--dataset", "affine-mnist", "--no-log"], 2,
+     ["holds 40x40 images", "takes 28x28", "mnist-translated.yaml"]),
+    ("eval-not-digits", None, ["eval", "{tmp}/ckpt/caps.pt", "--dataset", "affnist", "--no-log"], 2,
+     ["holds digits 0-9", "shapes"]),
+    ("affnist-missing", None, ["eval", "{tmp}/ckpt/caps40.pt", "--dataset", "affnist", "--data-root",
+                               "{tmp}/empty", "--no-log"], 2, ["affNIST not found", "affNIST/test.mat"]),
+    ("check-no-paper-number", None, ["eval", "{tmp}/ckpt/caps.pt", "--check", "--no-log"], 2,
+     ["no paper number for 'test'", "paper:"]),
+    ("mnist-leak", _recipe(data={"name": "mnist"}), ["train", "{r}", "--data-root", "{tmp}/leak"], 2,
+     ["MNIST in", "1 of 64 test image(s) also appear in the train split"]),
 ]
 
 
@@ -140,14 +186,20 @@ def prepared(tmp_path_factory):
     from PIL import Image
 
     Image.new("L", (40, 30)).save(tmp / "blank.png")
+    from tests.test_affnist import _mnist_with_a_leak
+
+    _mnist_with_a_leak(tmp / "leak", copies=1, n_test=64)
     ckpt = tmp / "ckpt"
     ckpt.mkdir()
     from capsx.checkpoint import save_checkpoint
     from capsx.models import build_model
     from capsx.recipe import recipe_from_dict
 
-    for name, model_cfg in (("caps", tiny_recipe()["model"]), ("cnn", CNN)):
-        recipe = recipe_from_dict(tiny_recipe(model=model_cfg), "t")
+    shapes = tiny_recipe()["data"]
+    for name, model_cfg, data in (("caps", tiny_recipe()["model"], shapes), ("cnn", CNN, shapes),
+                                  ("caps40", tiny_recipe()["model"], {"name": "mnist", "canvas": 40}),
+                                  ("caps28", tiny_recipe()["model"], {"name": "mnist"})):
+        recipe = recipe_from_dict(tiny_recipe(model=model_cfg, data=data), "t")
         model = build_model(recipe.model, recipe.data.input_shape, len(recipe.data.classes))
         save_checkpoint(ckpt / f"{name}.pt", {"recipe": recipe.to_dict(), "run_id": None,
                                              "model": model.state_dict(), "state": {"epoch": 1},

@@ -13,9 +13,10 @@ from capsx.data import multimnist as _multimnist  # noqa: E402,F401
 from capsx.data import shapes as _shapes  # noqa: E402,F401
 from capsx.data import smallnorb as _smallnorb  # noqa: E402,F401
 from capsx.data import svhn as _svhn  # noqa: E402,F401
-from capsx.data.batches import Batch, Batches, center_crop, random_crop, random_shift
+from capsx.data.batches import Batch, Batches
 from capsx.data.config import DATASETS, AugmentConfig, DataConfig, register_dataset
 from capsx.data.imageset import DataSplits, ImageSet
+from capsx.data.transforms import center_crop, random_crop, random_shift
 
 DEFAULT_DATA_ROOT = Path("data")
 

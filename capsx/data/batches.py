@@ -16,52 +16,10 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from capsx.data.imageset import Examples, Order
-
-
-def window_offsets(count: int, span_h: int, span_w: int, generator: torch.Generator) -> Tensor:
-    """(2, count) random window positions: rows in [0, span_h], columns in [0, span_w]."""
-    rows = torch.randint(0, span_h + 1, (count,), generator=generator, device=generator.device)
-    cols = torch.randint(0, span_w + 1, (count,), generator=generator, device=generator.device)
-    return torch.stack([rows, cols])
-
-
-def take_windows(images: Tensor, offsets: Tensor, h: int, w: int) -> Tensor:
-    """The h x w window of each image (B, C, H, W) whose top-left corner is its own (row, column) offset."""
-    B, C = images.shape[:2]
-    offsets = offsets.to(images.device)
-    rows = (offsets[0].view(B, 1) + torch.arange(h, device=images.device)).view(B, 1, h, 1)
-    cols = (offsets[1].view(B, 1) + torch.arange(w, device=images.device)).view(B, 1, 1, w)
-    batch = torch.arange(B, device=images.device).view(B, 1, 1, 1)
-    chan = torch.arange(C, device=images.device).view(1, C, 1, 1)
-    return images[batch, chan, rows, cols]
-
-
-def shift_by(images: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
-    """Shift each image by its offset - max_shift (offsets in [0, 2 * max_shift]), zero padded."""
-    m = max_shift
-    return take_windows(F.pad(images, (m, m, m, m)), offsets, *images.shape[-2:])
-
-
-def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Shift each image (B, C, H, W) by its own random (dx, dy) in [-max_shift, max_shift], zero padded."""
-    return shift_by(images, window_offsets(len(images), 2 * max_shift, 2 * max_shift, generator), max_shift)
-
-
-def random_crop(images: Tensor, size: int, generator: torch.Generator) -> Tensor:
-    """A size x size window of each image (B, C, H, W), each at its own random position."""
-    H, W = images.shape[-2:]
-    return take_windows(images, window_offsets(len(images), H - size, W - size, generator), size, size)
-
-
-def center_crop(images: Tensor, size: int) -> Tensor:
-    """The central size x size window of every image (B, C, H, W); odd margins leave the extra pixel below/right."""
-    H, W = images.shape[-2:]
-    top, left = (H - size) // 2, (W - size) // 2
-    return images[..., top:top + size, left:left + size].contiguous()
+from capsx.data.transforms import shift_by, take_windows, window_offsets
 
 
 def _seed(*parts: int) -> int:

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from capsx.data.batches import center_crop
 from capsx.data.imageset import DataSplits, ImageSet
+from capsx.data.transforms import center_crop
 from capsx.errors import DataError
 from capsx.registry import Registry
 from capsx.schema import Section
@@ -50,6 +50,12 @@ class DataConfig(Section):
         C, H, W = self.image_shape
         crop = self.augment.crop
         return (C, H, W) if crop is None else (C, crop, crop)
+
+    @property
+    def train_shift(self) -> int:
+        """The random shift (pixels, each direction) the training batches get on the device:
+        the recipe's augmentation, or a data set's own random placement."""
+        return self.augment.shift
 
     def load(self, root: Path) -> DataSplits:
         raise NotImplementedError  # every registered subclass overrides it

@@ -1,16 +1,29 @@
-"""MNIST through torchvision's own reader (`torchvision.datasets.MNIST`)."""
+"""MNIST through torchvision's own reader (`torchvision.datasets.MNIST`).
+
+With `canvas: 40` each digit is placed at a random position on a 40x40 black
+canvas (translation only), as the paper trained for its affNIST experiment:
+training digits are kept centred and moved anywhere on the canvas by the
+batches' on-device shift, a new place every epoch; test digits get one seeded
+place each, the same in every run.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import torch
 import torchvision
+from pydantic import Field, model_validator
 
 from capsx.data.config import DataConfig, register_dataset
 from capsx.data.files import reading, require_files
 from capsx.data.imageset import DataSplits, ImageSet
+from capsx.data.integrity import check_disjoint
+from capsx.data.transforms import centre_on_canvas, random_shift
 from capsx.errors import DataError
+
+SIZE = 28
 
 MNIST_FILES = [
     "train-images-idx3-ubyte",
@@ -27,13 +40,50 @@ class MNISTConfig(DataConfig):
     name: Literal["mnist"] = "mnist"
     root: str | None = None  # folder holding MNIST/raw/; relative to the recipe file
     download: bool = False  # fetch the files with torchvision when they are missing
+    canvas: int | None = Field(None, ge=SIZE)  # place each digit at random on a canvas this big (paper: 40)
+    placement_seed: int = 0  # the test digits' places
 
-    image_shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
     classes: ClassVar[list[str]] = [str(d) for d in range(10)]
     needs_root: ClassVar[bool] = True
 
+    @model_validator(mode="after")
+    def _canvas_fits(self) -> MNISTConfig:
+        if self.canvas is not None and (self.canvas - SIZE) % 2:
+            raise ValueError(f"canvas {self.canvas}: expected 28 plus an even margin (e.g. 40), so every "
+                             "place on it can be reached")
+        if self.canvas is not None and self.augment.shift:
+            raise ValueError("augment.shift must be 0 with a canvas: the random placement already moves "
+                             "each digit anywhere on it")
+        return self
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:  # type: ignore[override]
+        side = self.canvas or SIZE
+        return (1, side, side)
+
+    @property
+    def placement(self) -> int:
+        """How far a centred digit can move each way and stay on the canvas."""
+        return 0 if self.canvas is None else (self.canvas - SIZE) // 2
+
+    @property
+    def train_shift(self) -> int:
+        return self.placement if self.canvas is not None else self.augment.shift
+
     def load(self, root: Path) -> DataSplits:
-        return read_mnist(root, self.download)
+        splits = read_mnist(root, self.download)
+        if self.canvas is not None:
+            train, test = splits.train, splits.test
+            assert isinstance(train, ImageSet) and isinstance(test, ImageSet)
+            splits.train = ImageSet(centre_on_canvas(train.images, self.canvas), train.labels)
+            splits.test = ImageSet(self.place(test.images), test.labels)
+        return splits
+
+    def place(self, images: torch.Tensor) -> torch.Tensor:
+        """28x28 digits at seeded random places on the canvas (deterministic for `placement_seed`)."""
+        assert self.canvas is not None
+        g = torch.Generator().manual_seed(self.placement_seed)
+        return random_shift(centre_on_canvas(images, self.canvas), self.placement, g)
 
 
 def read_mnist(root: Path, download: bool = False) -> DataSplits:
@@ -45,9 +95,13 @@ def read_mnist(root: Path, download: bool = False) -> DataSplits:
 
 def read_idx_splits(dataset: type[torchvision.datasets.MNIST], root: Path, download: bool,
                     classes: list[str]) -> DataSplits:
-    """Both splits of an MNIST-format data set (IDX files in root/<ClassName>/raw/), by torchvision's reader."""
-    return DataSplits(train=_read_split(dataset, root, train=True, download=download),
-                      test=_read_split(dataset, root, train=False, download=download), classes=classes)
+    """Both splits of an MNIST-format data set (IDX files in root/<ClassName>/raw/), by torchvision's reader,
+    checked disjoint (no test image also in the train split)."""
+    train = _read_split(dataset, root, train=True, download=download)
+    test = _read_split(dataset, root, train=False, download=download)
+    raw = root / dataset.__name__ / "raw"
+    check_disjoint(dataset.__name__, [raw / f for f in MNIST_FILES], train.images, test.images)
+    return DataSplits(train=train, test=test, classes=classes)
 
 
 def _read_split(dataset: type[torchvision.datasets.MNIST], root: Path, train: bool, download: bool) -> ImageSet:

@@ -1,0 +1,89 @@
+"""Train and test splits must not share an image: a test image seen in training makes
+the test error a memory test. Checked by content hash once per set of files, the
+verdict cached (keyed by the files' paths, sizes and modification times) so a run
+pays for it only the first time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from capsx.errors import DataError
+
+CACHE_FILE = "split_check.json"
+
+
+def cache_dir() -> Path:
+    """$CAPSX_CACHE, else $XDG_CACHE_HOME/capsx, else ~/.cache/capsx (never the data folder,
+    which may be shared and read-only)."""
+    explicit = os.environ.get("CAPSX_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "capsx"
+
+
+def files_key(name: str, files: list[Path]) -> str:
+    """Changes when any file is replaced, rewritten or moved."""
+    parts = [name]
+    for f in files:
+        st = f.stat()
+        parts.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def image_hashes(images: Tensor) -> list[bytes]:
+    """One 16-byte BLAKE2 digest per image of a (N, ...) uint8 tensor."""
+    rows = np.ascontiguousarray(images.reshape(len(images), -1).cpu().numpy())
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+
+
+def shared_images(train: Tensor, test: Tensor) -> int:
+    """How many test images have a pixel-for-pixel copy in the train split."""
+    seen = set(image_hashes(train))
+    return sum(1 for h in image_hashes(test) if h in seen)
+
+
+def check_disjoint(name: str, files: list[Path], train: Tensor, test: Tensor) -> None:
+    """Raise `DataError` if the splits share images; the verdict is cached per `files`."""
+    key = files_key(name, files)
+    path = cache_dir() / CACHE_FILE
+    cache = _read(path)
+    entry = cache.get(key)
+    if entry is None:
+        started = time.perf_counter()
+        overlap = shared_images(train, test)
+        entry = {"data": name, "files": [str(f) for f in files], "shared": overlap,
+                 "train": len(train), "test": len(test), "seconds": round(time.perf_counter() - started, 3)}
+        cache[key] = entry
+        _write(path, cache)
+    if entry["shared"]:
+        where = files[0].parent if files else name
+        raise DataError(f"{name} in {where}: {entry['shared']} of {entry['test']} test image(s) also appear in "
+                        f"the train split (identical pixels); expected disjoint splits")
+
+
+def _read(path: Path) -> dict[str, dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, cache: dict[str, dict]) -> None:
+    """Atomic; a cache that cannot be written only means the check runs again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
