@@ -27,6 +27,7 @@ from capsx.interrupt import StopRequest
 from capsx.losses import LossTerms
 from capsx.metrics import EvalResult, confusion_matrix
 from capsx.models import ModelOutput, build_model
+from capsx.models.transfer import prepare_transfer
 from capsx.optim import build_optimizer, lr_factor, set_lr
 from capsx.recipe import Recipe
 
@@ -148,13 +149,18 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
     torch.manual_seed(cfg.seed)
     data_cfg = recipe.data
     splits = splits if splits is not None else data_cfg.load_splits(run.data_root)
-    model = build_model(recipe.model, data_cfg.input_shape, len(data_cfg.classes)).to(run.device)
+    model = build_model(recipe.model, data_cfg.input_shape, len(data_cfg.classes))
+    # pretrained weights (not on a resume: the checkpoint has newer ones), frozen layers, lr groups
+    transfer = prepare_transfer(model, recipe.model, data_cfg.input_shape, len(data_cfg.classes),
+                                load=resume is None)
+    model.to(run.device)  # parameters keep their identity, so the groups still hold them
     criterion: Criterion = recipe.loss_config
-    optimizer = build_optimizer(model.parameters(), recipe.optimizer)
+    optimizer = build_optimizer(transfer.param_groups, recipe.optimizer)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
     state = TrainState()
     if resume is None:
-        run.tracker.log_params({"model.num_params": sum(p.numel() for p in model.parameters())})
+        run.tracker.log_params({"model.num_params": sum(p.numel() for p in model.parameters()),
+                                **transfer.params()})
     else:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])

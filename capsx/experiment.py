@@ -23,6 +23,7 @@ from capsx.device import autocast, describe_device, resolve_device
 from capsx.engine import FitResult, Interrupted, Run, evaluate, fit, load_model
 from capsx.errors import CapsxError, RunError
 from capsx.metrics import EvalResult
+from capsx.models.transfer import check_transfer
 from capsx.recipe import Recipe
 from capsx.runs import RunInfo, ensure_writable, make_run_dir, read_run_info, resolve_checkpoint, run_tracking_uri
 from capsx.tracking import NullTracker, Tracker, resolve_tracking_uri
@@ -36,6 +37,8 @@ def run_training(recipe: Recipe, *, recipe_path: str, data_root: Path | None, tr
     autocast(device, recipe.train.precision)  # an impossible precision is an error now, not after set-up
     root = resolve_data_root(str(data_root) if data_root else None, getattr(recipe.data, "root", None))
     splits = recipe.data.load_splits(root)  # a missing or broken data set too: before any run exists
+    if resume is None:  # and a pretrained file or freeze that cannot work
+        check_transfer(recipe.model, recipe.data.input_shape, len(recipe.data.classes))
     experiment = recipe.tracking.experiment or recipe.name
     tracker: Tracker | NullTracker
     if resume is not None:
