@@ -34,21 +34,31 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a capsx checkpoint on the CPU; refuse anything that is not one."""
+def read_weights_file(path: Path, what: str = "checkpoint") -> Any:
+    """Whatever `torch.save` wrote to `path`, loaded on the CPU with `weights_only=True`: tensors and
+    plain containers only; a file holding pickled objects (code) is refused."""
     if not path.is_file():
-        raise RunError(f"{path}: checkpoint not found")
+        raise RunError(f"{path}: {what} not found")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
-        raise RunError(f"{path}: not a readable checkpoint (expected a file written by torch.save)")
+        raise RunError(f"{path}: not a readable {what} (expected a file written by torch.save)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
         raise RunError(f"{path}: refused to load: it holds pickled objects, not only tensors and plain values "
                        f"({first[:160]})") from None
     except Exception as e:  # truncated zip, not a torch file at all, ...
-        raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise RunError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def is_checkpoint(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a capsx checkpoint on the CPU; refuse anything that is not one."""
+    payload = read_weights_file(path)
+    if not is_checkpoint(payload):
         raise RunError(f"{path}: not a capsx checkpoint (expected a dict with format={FORMAT!r})")
     if payload.get("version") != VERSION:
         raise RunError(f"{path}: checkpoint version {payload.get('version')!r}; this capsx reads {VERSION}")

@@ -238,20 +238,29 @@ def summary(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
     overrides: OverridesArg = None,
     set_: SetOpt = None,
+    input_shape: Annotated[str | None, typer.Option(
+        "--input", help="Summarise for inputs of this shape, CxHxW (e.g. 3x224x224), instead of the data's.",
+        show_default=False)] = None,
+    classes: Annotated[int | None, typer.Option(
+        "--classes", min=1, help="Summarise for this many classes instead of the data's.", show_default=False)]
+    = None,
 ) -> None:
     """Per-layer table of the recipe's model: output shapes and parameters, with totals."""
     from rich.table import Table
 
     from capsx.console import console, key_value_table
     from capsx.models import build_model
+    from capsx.models.transfer import freeze_layers
     from capsx.recipe import load_recipe
     from capsx.summary import summarize
 
     r = load_recipe(recipe, [*(set_ or []), *(overrides or [])])
-    shape, classes = r.data.input_shape, r.data.classes
-    model = build_model(r.model, shape, len(classes), r.data.objects)
+    shape = _parse_shape(input_shape) if input_shape else r.data.input_shape
+    num_classes = classes or len(r.data.classes)
+    model = build_model(r.model, shape, num_classes, r.data.objects)
     s = summarize(model, shape)
-    table = Table(title=f"{r.model.name} on {r.data.name} {'x'.join(map(str, shape))}", title_justify="left")
+    table = Table(title=f"{r.model.name} on {r.data.name if not input_shape else 'inputs'} "
+                        f"{'x'.join(map(str, shape))}, {num_classes} classes", title_justify="left")
     table.add_column("layer")
     table.add_column("type")
     table.add_column("output shape", justify="right")
@@ -266,7 +275,17 @@ def summary(
         rows.append(("without the decoder", f"{without:,} ({without / 1e6:.1f}M)"))
     rows.append(("forward cost", f"{s.forward_flops / 1e9:.2f} GFLOP per image "
                                  f"(training about 3x: {3 * s.forward_flops / 1e9:.2f})"))
+    layers = [name for name, _ in freeze_layers(model)]
+    rows.append(("layers (model.freeze)", f"{len(layers)}: {', '.join(layers)}"))
     console.print(key_value_table("totals", rows))
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise CapsxError(f"--input {text!r}: expected channels x height x width, e.g. 3x224x224")
+    c, h, w = (int(p) for p in parts)
+    return c, h, w
 
 
 @app.command()

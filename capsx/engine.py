@@ -30,6 +30,7 @@ from capsx.interrupt import StopRequest
 from capsx.losses import LossTerms
 from capsx.metrics import EvalResult, all_right, predict
 from capsx.models import ModelOutput, build_model
+from capsx.models.transfer import prepare_transfer
 from capsx.optim import build_optimizer, lr_factor, set_lr
 from capsx.recipe import Recipe
 
@@ -161,14 +162,19 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
     data_cfg = recipe.data
     splits = splits if splits is not None else data_cfg.load_splits(run.data_root)
     group = run.group
-    model = build_model(recipe.model, data_cfg.input_shape, len(data_cfg.classes), data_cfg.objects).to(run.device)
+    model = build_model(recipe.model, data_cfg.input_shape, len(data_cfg.classes), data_cfg.objects)
+    # pretrained weights (not on a resume: the checkpoint has newer ones), frozen layers, lr groups
+    transfer = prepare_transfer(model, recipe.model, data_cfg.input_shape, len(data_cfg.classes),
+                                load=resume is None)
+    model.to(run.device)  # parameters keep their identity, so the groups still hold them
     criterion: Criterion = recipe.loss_config
-    optimizer = build_optimizer(model.parameters(), recipe.optimizer)
+    optimizer = build_optimizer(transfer.param_groups, recipe.optimizer)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
     state = TrainState()
     if resume is None:
         run.tracker.log_params({"model.num_params": sum(p.numel() for p in model.parameters()),
-                                "data.train_examples": len(splits.train), "data.test_examples": len(splits.test)})
+                                "data.train_examples": len(splits.train), "data.test_examples": len(splits.test),
+                                **transfer.params()})
     else:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])

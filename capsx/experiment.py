@@ -38,6 +38,7 @@ from capsx.distributed import Group
 from capsx.engine import FitResult, Interrupted, QuietReporter, Run, evaluate, fit, load_model
 from capsx.errors import CapsxError, RunError
 from capsx.metrics import EvalResult
+from capsx.models.transfer import check_transfer
 from capsx.paper import EVAL_SETS, CheckFailed, check_rows
 from capsx.recipe import Recipe
 from capsx.runs import RunInfo, ensure_writable, make_run_dir, read_run_info, resolve_checkpoint, run_tracking_uri
@@ -77,6 +78,8 @@ def _train(recipe: Recipe, group: Group, device: torch.device, *, recipe_path: s
     autocast(device, recipe.train.precision)  # an impossible precision is an error now, not after set-up
     root = resolve_data_root(str(data_root) if data_root else None, getattr(recipe.data, "root", None))
     splits = recipe.data.load_splits(root)  # a missing or broken data set too: before any run exists
+    if resume is None:  # and a pretrained file or freeze that cannot work
+        check_transfer(recipe.model, recipe.data.input_shape, len(recipe.data.classes))
     experiment = recipe.tracking.experiment or recipe.name
     tracker: Tracker | NullTracker
     if not group.is_main:  # the other processes only need to know which run they are part of

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -30,37 +30,38 @@ class OptimizerConfig(Section):
     eps: float = Field(1e-8, gt=0)  # adam, adadelta, adagrad, rmsprop
 
 
-Builder = Callable[[Iterable[nn.Parameter], OptimizerConfig], torch.optim.Optimizer]
+Params = Iterable[nn.Parameter] | list[dict[str, Any]]  # parameters, or torch's parameter groups
+Builder = Callable[[Params, OptimizerConfig], torch.optim.Optimizer]
 OPTIMIZERS: Registry[Builder] = Registry("optimizer")
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(params: Iterable[nn.Parameter], c: OptimizerConfig) -> torch.optim.Optimizer:
+def _sgd(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
 
 
 @OPTIMIZERS.register("adam")
-def _adam(params: Iterable[nn.Parameter], c: OptimizerConfig) -> torch.optim.Optimizer:
+def _adam(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
     b1, b2 = c.betas
     return torch.optim.Adam(params, lr=c.lr, betas=(b1, b2), eps=c.eps, weight_decay=c.weight_decay)
 
 
 @OPTIMIZERS.register("adadelta")
-def _adadelta(params: Iterable[nn.Parameter], c: OptimizerConfig) -> torch.optim.Optimizer:
+def _adadelta(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
     return torch.optim.Adadelta(params, lr=c.lr, eps=c.eps, weight_decay=c.weight_decay)
 
 
 @OPTIMIZERS.register("adagrad")
-def _adagrad(params: Iterable[nn.Parameter], c: OptimizerConfig) -> torch.optim.Optimizer:
+def _adagrad(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
     return torch.optim.Adagrad(params, lr=c.lr, eps=c.eps, weight_decay=c.weight_decay)
 
 
 @OPTIMIZERS.register("rmsprop")
-def _rmsprop(params: Iterable[nn.Parameter], c: OptimizerConfig) -> torch.optim.Optimizer:
+def _rmsprop(params: Params, c: OptimizerConfig) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=c.lr, momentum=c.momentum, eps=c.eps, weight_decay=c.weight_decay)
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     return OPTIMIZERS.get(cfg.name)(params, cfg)
 
 
@@ -93,5 +94,6 @@ def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate, times each parameter group's `lr_factor` (pretrained layers' lower rate)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_factor", 1.0)

@@ -139,11 +139,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping of sections (model, data, ...), got {_kind(raw)}")
     raw.setdefault("name", path.stem)
-    data = raw.get("data")
-    if isinstance(data, dict):
-        root = data.get("root")
-        if isinstance(root, str) and not Path(root).expanduser().is_absolute():
-            data["root"] = str((path.parent / root).resolve())  # paths in a recipe are relative to it
+    for section, key in (("data", "root"), ("model", "pretrained")):  # paths in a recipe are relative to it
+        node = raw.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            node[key] = str((path.parent / value).resolve())
     return recipe_from_dict(raw, source=str(path), overrides=overrides)
 
 
@@ -204,7 +204,8 @@ def _kind(x: Any) -> str:
 
 def describe_error(err: ValidationError) -> str:
     """The first error of a pydantic ValidationError as 'key.path: problem; expected ...'."""
-    e = err.errors(include_url=False)[0]
+    errors = err.errors(include_url=False)
+    e = errors[0]
     loc, kind, value = e["loc"], e["type"], e.get("input")
     if kind == "extra_forbidden":
         path, fields = _walk(Recipe, loc[:-1])
@@ -225,11 +226,24 @@ def describe_error(err: ValidationError) -> str:
         tag = value.get("name") if isinstance(value, dict) else value
         what = registry.kind if registry else section
         return f"{where}.name: unknown {what} {tag!r}; expected one of: {valid}"
-    if kind == "value_error":  # a section's own check across its fields: its message says it all
-        return f"{where}: {e['msg'].removeprefix('Value error, ')}"
+    if kind == "value_error":  # a section's own check across its fields: its message says what it expected
+        msg = str(e["ctx"]["error"]) if "error" in e.get("ctx", {}) else e["msg"].removeprefix("Value error, ")
+        return msg if not where or msg.startswith(where) else f"{where}: {msg}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{where}: expected a mapping, got {_kind(value)}"
-    return f"{where}: expected {_expected(kind, e.get('ctx', {}), e['msg'])}, got {_short(value)}"
+    # A field that takes one of several plain types (`int | list[str]`) fails once per member:
+    # report the member that got furthest into the value, or all members' expectations.
+    alike = [x for x in errors if _walk(Recipe, x["loc"])[0][: len(path)] == path]
+    deepest = max(alike, key=lambda x: len(_walk(Recipe, x["loc"])[0]))
+    if len(_walk(Recipe, deepest["loc"])[0]) > len(path):
+        return describe_error(ValidationError.from_exception_data(err.title, [_line(deepest)]))
+    expected = " or ".join(dict.fromkeys(_expected(x["type"], x.get("ctx", {}), x["msg"]) for x in alike))
+    return f"{where}: expected {expected}, got {_short(value)}"
+
+
+def _line(e: Any) -> Any:
+    """An error dict from `.errors()` in the form `ValidationError.from_exception_data` takes."""
+    return {"type": e["type"], "loc": e["loc"], "input": e.get("input"), "ctx": e.get("ctx", {})}
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -272,7 +286,11 @@ def _walk(cls: Any, loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
     path: list[str] = []
     fields: list[str] = list(getattr(cls, "model_fields", {}))
     tags: dict[str, Any] = {}
+    member = False  # the previous part was a field of plain union type: this part names the member
     for part in loc:
+        if member:
+            member = False
+            continue
         if tags:  # the previous part was a discriminated field: this part is the tag
             cls = tags.get(part)
             tags = {}
@@ -286,6 +304,7 @@ def _walk(cls: Any, loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
             cls, fields = None, []
             continue
         cls, tags = _section_type(info)
+        member = cls is None and not tags and len([m for m in _members(info.annotation) if m is not type(None)]) > 1
         fields = list(getattr(cls, "model_fields", {})) if cls else []
     return path, fields
 

@@ -7,6 +7,7 @@ from torch import nn
 
 # Importing the families registers them.
 from capsx.models import capsnet as _capsnet  # noqa: E402,F401
+from capsx.models import classic as _classic  # noqa: E402,F401
 from capsx.models import cnn as _cnn  # noqa: E402,F401
 from capsx.models.config import MODELS, ModelConfig, register_model
 from capsx.models.output import ModelOutput

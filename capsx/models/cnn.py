@@ -106,3 +106,17 @@ class ConvNetSmallConfig(_ConvNetConfig):
     kernel_size: int = Field(3, ge=1)
     pool: bool = True
     hidden: list[PositiveInt] = Field(default_factory=lambda: [1024])
+
+
+@register_model
+class LeNetConfig(_ConvNetConfig):
+    """LeNet-5's layout (LeCun et al. 1998: 5x5 conv, pool, 5x5 conv, pool, fully connected) at the
+    widths of the lecture's two-conv network: conv 32 @5x5, 2x2 max-pool, conv 64 @5x5, 2x2
+    max-pool, FC 1024, dropout, softmax (3.27M parameters on MNIST). `convnet_small` is the same
+    network with 3x3 kernels."""
+
+    name: Literal["lenet"] = "lenet"
+    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
+    kernel_size: int = Field(5, ge=1)
+    pool: bool = True
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [1024])

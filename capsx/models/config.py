@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field, model_validator
 from torch import nn
 
 from capsx.registry import Registry
@@ -11,13 +12,28 @@ from capsx.schema import Section
 
 
 class ModelConfig(Section):
-    """Base of every model's config; subclasses set `name: Literal["..."]`."""
+    """Base of every model's config; subclasses set `name: Literal["..."]` and add the model's own
+    keyword arguments. The fields here are every model's transfer-learning settings, applied by
+    `capsx.models.transfer` when training starts, never by `build`."""
 
     name: str
+    pretrained: str | None = None  # weights file: a torchvision state dict or a capsx checkpoint
+    freeze: int | list[str] = 0  # the first N layers (negative: all but the last -N), or module names
+    head: Literal["keep", "replace"] = "keep"  # replace: a new classifier for this data set's classes
+    pretrained_lr_factor: float = Field(1.0, gt=0)  # lr multiplier of the unfrozen pretrained layers
+
+    @model_validator(mode="after")
+    def _needs_pretrained(self) -> ModelConfig:
+        if self.pretrained is None:
+            if self.head == "replace":
+                raise ValueError("model.head: replace needs model.pretrained (there is no head to replace)")
+            if self.pretrained_lr_factor != 1.0:
+                raise ValueError("model.pretrained_lr_factor needs model.pretrained")
+        return self
 
     def kwargs(self) -> dict[str, Any]:
-        """The fields as keyword arguments for the model class."""
-        return {k: getattr(self, k) for k in type(self).model_fields if k != "name"}
+        """The subclass's own fields as keyword arguments for the model class."""
+        return {k: getattr(self, k) for k in type(self).model_fields if k not in ModelConfig.model_fields}
 
     def build(self, input_shape: tuple[int, int, int], num_classes: int, objects: int = 1) -> nn.Module:
         """`objects`: labelled objects per image, for models whose output depends on it (a decoder)."""
