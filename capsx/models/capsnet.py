@@ -61,11 +61,20 @@ class ClassCaps(nn.Module):
     def forward(self, u: Tensor, trace: RoutingTrace | None = None) -> Tensor:
         B = u.shape[0]
         if torch.is_grad_enabled() or trace is not None or B <= self.INFERENCE_CHUNK:
-            return dynamic_routing(self.predictions(u), self.routing_iters, trace)  # (B, J, D)
+            return self._route(u, trace)  # (B, J, D)
         # Routing is per sample, so chunks give the same result; u_hat for 1000 MNIST images
         # would be 737 MB per copy, a chunk of 256 is 189 MB.
-        return torch.cat([dynamic_routing(self.predictions(part), self.routing_iters)
-                          for part in u.split(self.INFERENCE_CHUNK)])
+        return torch.cat([self._route(part) for part in u.split(self.INFERENCE_CHUNK)])
+
+    def _route(self, u: Tensor, trace: RoutingTrace | None = None) -> Tensor:
+        """u_hat and routing in fp32 even under bf16/fp16 autocast: their bmm's are many small
+        matrix-vector products, which mixed precision makes slower (a cast copy of u_hat per call;
+        measured: the bf16 training step was no faster than fp32), and the routing softmax and
+        agreements keep their precision. The convolutions, nearly all the FLOPs, stay in low precision."""
+        if not torch.is_autocast_enabled(u.device.type):
+            return dynamic_routing(self.predictions(u), self.routing_iters, trace)
+        with torch.autocast(u.device.type, enabled=False):
+            return dynamic_routing(self.predictions(u.float()), self.routing_iters, trace)
 
 
 class CapsNet(nn.Module):
