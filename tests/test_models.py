@@ -186,3 +186,17 @@ def test_none_of_the_above_routes_but_is_not_a_class():
     from capsx.losses import MarginLossConfig
     MarginLossConfig()(out, x, torch.tensor([0, 1, 2, 3])).total.backward()
     assert caps.weight.grad[:, 10].abs().sum() > 0
+
+
+def test_routing_stays_fp32_under_bf16_autocast_while_the_convolutions_do_not():
+    torch.manual_seed(0)
+    model = CapsNet((1, 28, 28), 10, conv1_channels=16, primary_types=4, primary_dim=8, class_dim=8,
+                    decoder_hidden=(16,))
+    x = torch.rand(3, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = torch.relu(model.conv1(x))
+        u = model.primary_caps(h)
+        v_mixed = model.class_caps(u)
+    assert h.dtype == torch.bfloat16  # the convolutions run in bf16 ...
+    assert v_mixed.dtype == torch.float32  # ... the capsule predictions and routing in fp32,
+    torch.testing.assert_close(v_mixed, model.class_caps(u.float()), rtol=0, atol=0)  # exactly as without autocast
