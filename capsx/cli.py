@@ -137,9 +137,7 @@ def train(
             raise CapsxError("--seeds with --nproc: not supported together; run each seed with --nproc")
         if distributed.in_worker():
             raise CapsxError("--nproc starts the worker processes itself; under torchrun, leave it out")
-        if loaded.data.batch_size % nproc:
-            raise CapsxError(f"data.batch_size {loaded.data.batch_size} is the global batch and must divide "
-                             f"evenly over --nproc {nproc} processes")
+        distributed.per_process_batch(loaded.data.batch_size, nproc)  # refused here, before any worker starts
         args = ["train", *([str(recipe)] if recipe is not None else ["--resume", str(ckpt)])]
         args += [a for c in changes for a in ("--set", c)]
         args += ["--runs-dir", str(runs_dir)]

@@ -79,6 +79,14 @@ class Group:
 SINGLE = Group()
 
 
+def per_process_batch(batch_size: int, processes: int) -> int:
+    """Each process's share of the recipe's (global) batch; it must divide evenly."""
+    if batch_size % processes:
+        raise CapsxError(f"data.batch_size {batch_size} is the global batch and must divide evenly "
+                         f"over {processes} processes")
+    return batch_size // processes
+
+
 def in_worker() -> bool:
     """Started by torchrun (or another launcher that sets the same variables) with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

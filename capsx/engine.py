@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +25,7 @@ from capsx import memory
 from capsx.checkpoint import save_checkpoint
 from capsx.data import Batches, DataSplits
 from capsx.device import autocast, eval_mode
-from capsx.distributed import SINGLE, Group
+from capsx.distributed import SINGLE, Group, per_process_batch
 from capsx.errors import CapsxError, RunError
 from capsx.interrupt import StopRequest
 from capsx.losses import LossTerms
@@ -183,10 +184,7 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
         per_rank = resume.get("rng_ranks")
         _set_rng_state(per_rank[group.rank] if per_rank and len(per_rank) == group.world else resume["rng"])
 
-    if data_cfg.batch_size % group.world:
-        raise CapsxError(f"data.batch_size {data_cfg.batch_size} is the global batch and must divide evenly "
-                         f"over {group.world} processes")
-    local_batch = data_cfg.batch_size // group.world
+    local_batch = per_process_batch(data_cfg.batch_size, group.world)
     check_memory(model, criterion, data_cfg.input_shape, recipe.optimizer.name, run.device,
                  min(local_batch, len(splits.train)), data_cfg.objects)
     train_batches = Batches(splits.train.to(run.device), data_cfg.batch_size, shuffle=True, seed=cfg.seed,
@@ -282,7 +280,7 @@ def train_one_epoch(
     *,
     precision: str,
     device: torch.device,
-    should_stop: Any,
+    should_stop: Callable[[], bool],
     reporter: Reporter,
     tracker: Tracker,
     log_every: int,
