@@ -193,6 +193,10 @@ def eval_(
     images: Annotated[int | None, typer.Option(
         "--images", help="Evaluate a seeded random subset of this many images (the same every time; with "
                          "--sweep, per point).")] = None,
+    ensemble: Annotated[bool, typer.Option(
+        "--ensemble", help="Evaluate the runs as one classifier: the mean of their class probabilities "
+                           "(capsule lengths; a CNN's softmax or sigmoid), the paper's CIFAR-10 protocol. A "
+                           "`train --seeds` parent run stands for its seeds.")] = False,
     data_root: DataRootOpt = None,
     tracking_uri: TrackingOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
@@ -200,12 +204,18 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
 ) -> None:
     """Test error, per-class accuracy and confusion matrix of trained runs; robustness sweeps; the paper check."""
-    from capsx.experiment import run_evaluation, run_sweep
+    from capsx.experiment import run_ensemble, run_evaluation, run_sweep
     from capsx.sweep import parse_sweep
 
     refs = runs or ["latest"]
     if images is not None and images < 1:
         raise CapsxError(f"--images {images}: expected at least 1")
+    if ensemble:
+        if sweep is not None:
+            raise CapsxError("--ensemble does not go with --sweep (a sweep compares the runs one by one)")
+        run_ensemble(refs, data_root=data_root, tracking_uri=tracking_uri, runs_dir=runs_dir, log=log,
+                     device_name=device, dataset=dataset, check=check, images=images)
+        return
     if sweep is not None:
         spec = parse_sweep(sweep)
         if check or dataset != "test":

@@ -36,14 +36,23 @@ from capsx.data.imageset import Examples
 from capsx.device import autocast, describe_device, resolve_device
 from capsx.distributed import Group
 from capsx.engine import FitResult, Interrupted, QuietReporter, Run, evaluate, fit, load_model
+from capsx.ensemble import EnsembleResult, Member, evaluate_ensemble
 from capsx.errors import CapsxError, RunError
 from capsx.metrics import EvalResult
 from capsx.models.transfer import check_transfer
-from capsx.paper import EVAL_SETS, CheckFailed, check_rows
+from capsx.paper import EVAL_SETS, CheckFailed, CheckRow, check_rows
 from capsx.recipe import Recipe
-from capsx.runs import RunInfo, ensure_writable, make_run_dir, read_run_info, resolve_checkpoint, run_tracking_uri
+from capsx.runs import (
+    RunInfo,
+    ensure_writable,
+    find_run_dir,
+    make_run_dir,
+    read_run_info,
+    resolve_checkpoint,
+    run_tracking_uri,
+)
 from capsx.sweep import SweepSpec
-from capsx.tracking import NullTracker, Tracker, resolve_tracking_uri
+from capsx.tracking import NullTracker, Tracker, child_run_ids, parent_run_id, resolve_tracking_uri
 
 
 @dataclass
@@ -228,6 +237,9 @@ def run_seeds(recipe: Recipe, seeds: list[int], *, recipe_path: str, data_root: 
                                  f"{100 * stats['seeds/best_test_error_std']:.2f}"),
              *([("parent run", parent.run_id)] if track else [])]
     console.print(key_value_table(f"{recipe.name}: {len(seeds)} seeds", rows))
+    if len(seeds) > 1:  # the seeds as one classifier (the paper's CIFAR-10 protocol), logged to the parent
+        run_ensemble(summary.run_ids, data_root=data_root, tracking_uri=uri if track else None, runs_dir=runs_dir,
+                     log=track, device_name=recipe.device)
     return 0, summary
 
 
@@ -301,15 +313,20 @@ def run_evaluation(ref: str, *, data_root: Path | None, tracking_uri: str | None
             tracker.log_metrics(metrics, step=epoch)
             tracker.log_dict(_confusion_dict(result), f"{prefix}/confusion_matrix.json")
             console.print(f"[dim]logged to run {run_id} at {uri}[/]")
-    if rows:
-        console.print(paper_check_table(f"{recipe.name} against the paper ({split})", rows))
-        outside = [r for r in rows if not r.within]
-        if outside:
-            r = outside[0]
-            raise CheckFailed(f"--check: {r.number.metric} {r.measured:.2f}% is outside the paper's band "
-                              f"[{r.number.band[0]}, {r.number.band[1]}]% (paper: {r.number.value}%, "
-                              f"{r.number.source})")
+    _report_check(f"{recipe.name} against the paper ({split})", rows, "")
     return result
+
+
+def _report_check(title: str, rows: list[CheckRow], what: str) -> None:
+    """The paper-check table; CheckFailed (exit 1) naming the first number outside its band."""
+    if not rows:
+        return
+    console.print(paper_check_table(title, rows))
+    outside = [r for r in rows if not r.within]
+    if outside:
+        r = outside[0]
+        raise CheckFailed(f"--check: {what}{r.number.metric} {r.measured:.2f}% is outside the paper's band "
+                          f"[{r.number.band[0]}, {r.number.band[1]}]% (paper: {r.number.value}%, {r.number.source})")
 
 
 def eval_set(recipe: Recipe, dataset: str, root: Path, run_label: str) -> Examples:
@@ -424,3 +441,81 @@ def run_sweep(refs: list[str], spec: SweepSpec, *, images: int | None, data_root
             t.tracker.log_artifact(path, "sweep")
             console.print(f"[dim]logged to run {t.run_id}[/]")
     return results
+
+
+def ensemble_members(refs: Sequence[str], *, runs_dir: Path, tracking_uri: str | None) -> list[str]:
+    """The runs an ensemble is made of: each ref itself, or, for a `train --seeds` parent run,
+    its seeds' runs."""
+    out: list[str] = []
+    for ref in refs:
+        local = Path(ref).is_file() or find_run_dir(runs_dir, ref) is not None
+        children = [] if local else child_run_ids(resolve_tracking_uri(tracking_uri, None, runs_dir), ref)
+        out.extend(children or [ref])
+    if len(out) < 2:
+        raise CapsxError(f"--ensemble: {', '.join(refs)} is one model; give two runs or more, or a "
+                         "`train --seeds` parent run")
+    return out
+
+
+def run_ensemble(refs: Sequence[str], *, data_root: Path | None, tracking_uri: str | None, runs_dir: Path,
+                 log: bool, device_name: str, dataset: str = "test", check: bool = False,
+                 images: int | None = None) -> EnsembleResult:
+    """Evaluate several runs as one classifier (mean class probabilities, the paper's CIFAR-10
+    protocol); print each member and the ensemble; log to the runs' common parent if they have one."""
+    device = resolve_device(device_name)
+    members: list[Member] = []
+    ckpts: list[Path] = []
+    for ref in ensemble_members(refs, runs_dir=runs_dir, tracking_uri=tracking_uri):
+        ckpt = resolve_checkpoint(ref, runs_dir, tracking_uri, which="best")
+        payload = load_checkpoint(ckpt)
+        recipe, model = load_model(payload, device)
+        members.append(Member(str(payload.get("run_id") or ckpt), recipe, model))
+        ckpts.append(ckpt)
+    first = members[0].recipe
+    for m in members[1:]:
+        data = m.recipe.data
+        for what, a, b in (("data set", first.data.name, data.name),
+                           ("input shape", first.data.input_shape, data.input_shape),
+                           ("classes", first.data.classes, data.classes),
+                           ("objects per image", first.data.objects, data.objects)):
+            if a != b:
+                raise CapsxError(f"--ensemble: run {m.label} was trained with {what} {b} but run "
+                                 f"{members[0].label} with {a}; an ensemble's models must answer the same question")
+    if check:
+        check_rows(first.paper, dataset, 0.0, len(members))  # no paper number for it: say so before evaluating
+    root = resolve_data_root(str(data_root) if data_root else None, getattr(first.data, "root", None))
+    test = eval_set(first, dataset, root, run_label=members[0].label)
+    if images is not None:
+        test = test.subset(images)
+    batches = Batches(test.to(device), first.data.eval_batch_size)
+    result = evaluate_ensemble(members, batches, device, first.data.classes)
+    split = "test split" if dataset == "test" else dataset
+    table = Table(title=f"{first.name}: ensemble of {len(members)} on {first.data.name} ({split}, "
+                        f"{result.ensemble.images:,} images)", title_justify="left")
+    for col in ("model", "test error", "test accuracy"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m, alone in zip(members, result.members, strict=True):
+        table.add_row(f"{m.recipe.model.name} {m.label}", f"{100 * alone.error:.2f}%",
+                      f"{100 * alone.accuracy:.2f}%")
+    errors = [alone.error for alone in result.members]
+    mean = sum(errors) / len(errors)
+    table.add_row("[dim]members' mean[/]", f"[dim]{100 * mean:.2f}%[/]", f"[dim]{100 * (1 - mean):.2f}%[/]")
+    table.add_row("[bold]ensemble[/] (mean class probabilities)", f"[bold]{100 * result.ensemble.error:.2f}%[/]",
+                  f"[bold]{100 * result.ensemble.accuracy:.2f}%[/]")
+    console.print(table)
+    rows = check_rows(first.paper, dataset, result.ensemble.error, len(members)) if check else []
+    if log:
+        uri = run_tracking_uri(ckpts[0], tracking_uri, runs_dir)
+        parents = {parent_run_id(uri, m.label) for m in members} if uri else {None}
+        parent = parents.pop() if len(parents) == 1 else None
+        if uri is None or parent is None:
+            console.print("[dim]not logged: the runs are not the seeds of one parent run[/]")
+        else:
+            prefix = "ensemble" if dataset == "test" else f"ensemble/{dataset}"
+            Tracker.attach(uri, parent).log_metrics(
+                {f"{prefix}/error": result.ensemble.error, f"{prefix}/acc": result.ensemble.accuracy,
+                 f"{prefix}/members": float(len(members)),
+                 **{f"{prefix}/paper_check/{r.number.metric}": float(r.within) for r in rows}}, step=0)
+            console.print(f"[dim]logged to parent run {parent} at {uri}[/]")
+    _report_check(f"{first.name} ensemble against the paper ({split})", rows, "the ensemble's ")
+    return result

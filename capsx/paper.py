@@ -28,6 +28,7 @@ class PaperNumber(Section):
     band: list[float] = Field(min_length=2, max_length=2)  # [low, high] in percent: what counts as reproduced
     dataset: Literal["test", "affnist", "affine-mnist"] = "test"  # test: the recipe's own test split
     source: str = Field(min_length=1)  # where the paper says it, e.g. "Table 1, CapsNet 3 routing iterations"
+    models: int = Field(1, ge=1)  # models averaged into the number (CIFAR-10: a 7-model ensemble)
 
     @model_validator(mode="after")
     def _band_holds_value(self) -> PaperNumber:
@@ -54,11 +55,20 @@ class CheckFailed(CapsxError):
     exit_code = 1
 
 
-def check_rows(numbers: list[PaperNumber], dataset: str, error: float) -> list[CheckRow]:
-    """Compare an evaluation's error (a fraction) on `dataset` with the recipe's paper numbers for it."""
-    chosen = [n for n in numbers if n.dataset == dataset]
-    if not chosen:
+def check_rows(numbers: list[PaperNumber], dataset: str, error: float, models: int = 1) -> list[CheckRow]:
+    """Compare an evaluation's error (a fraction) on `dataset`, of one model or an ensemble of
+    `models`, with the recipe's paper numbers for it."""
+    on_set = [n for n in numbers if n.dataset == dataset]
+    if not on_set:
         have = ", ".join(sorted({n.dataset for n in numbers})) or "none"
         raise CapsxError(f"--check: the run's recipe has no paper number for {dataset!r} (it has: {have}); "
                          "add one to its `paper:` section")
+    chosen = [n for n in on_set if n.models == models]
+    if not chosen:
+        n = on_set[0]
+        how = ("one model" if n.models == 1 else
+               f"an ensemble of {n.models} models: train with --seeds (one per model) and check with "
+               "`capsx eval PARENT_RUN --ensemble --check`")
+        raise CapsxError(f"--check: the paper's {dataset!r} number ({n.value:g}%, {n.source}) is {how}, "
+                         f"not {'one model' if models == 1 else f'an ensemble of {models}'}")
     return [CheckRow(n, 100 * (error if n.metric == "error" else 1 - error)) for n in chosen]

@@ -357,3 +357,24 @@ def download_checkpoint(uri: str, run_id: str, dest: Path) -> Path | None:
         except Exception:
             continue
     return None
+
+
+def child_run_ids(uri: str, run_id: str) -> list[str]:
+    """The runs nested under `run_id` (a `train --seeds` parent's seeds), oldest first; [] if none."""
+    client = _client(uri)
+    with _store_errors(uri):
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        if not experiments:
+            return []
+        runs = client.search_runs(experiments, filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    return [r.info.run_id for r in runs]
+
+
+def parent_run_id(uri: str, run_id: str) -> str | None:
+    """The run `run_id` is nested under, or None (also when the store does not know the run)."""
+    client = _client(uri)
+    try:
+        return client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    except Exception:
+        return None
