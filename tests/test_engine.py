@@ -135,3 +135,29 @@ def test_train_compile_trains_the_same_model_as_eager(tmp_path):
     assert results[True].keys() == results[False].keys()  # the plain model's names, no "_orig_mod." prefix
     for k in results[False]:
         torch.testing.assert_close(results[True][k], results[False][k], rtol=1e-4, atol=1e-5)
+
+
+def test_adam_is_fused_on_the_cpu_and_steps_like_torchs_plain_loop():
+    from capsx.models import build_model
+    from capsx.optim import OptimizerConfig, build_optimizer
+
+    recipe = recipe_from_dict(tiny_recipe(), source="t")
+    models = [build_model(recipe.model, recipe.data.input_shape, len(recipe.data.classes)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = [p.detach().clone() for p in models[0].parameters()]
+    cfg = OptimizerConfig(name="adam", lr=1e-2, weight_decay=1e-4)
+    fast = build_optimizer(models[0].parameters(), cfg)
+    assert fast.defaults["fused"] is True
+    b1, b2 = cfg.betas  # the reference: torch's default on the CPU, a Python loop per tensor
+    plain = torch.optim.Adam(models[1].parameters(), lr=cfg.lr, betas=(b1, b2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, foreach=False)
+    x = torch.rand(8, *recipe.data.input_shape)
+    for _ in range(5):
+        for model, opt in ((models[0], fast), (models[1], plain)):
+            opt.zero_grad()
+            model(x).scores.square().sum().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    trained = [(a, b) for a, b in zip(models[0].parameters(), start, strict=True) if a.grad is not None]
+    assert len(trained) >= 4 and all(not torch.equal(a, b) for a, b in trained)  # the scores' layers moved
