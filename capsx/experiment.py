@@ -7,6 +7,7 @@ from __future__ import annotations
 import getpass
 import math
 import platform
+import re
 import signal
 import subprocess
 import time
@@ -449,7 +450,8 @@ def ensemble_members(refs: Sequence[str], *, runs_dir: Path, tracking_uri: str |
     out: list[str] = []
     for ref in refs:
         local = Path(ref).is_file() or find_run_dir(runs_dir, ref) is not None
-        children = [] if local else child_run_ids(resolve_tracking_uri(tracking_uri, None, runs_dir), ref)
+        maybe_parent = not local and re.fullmatch(r"[0-9a-f]{32}", ref) is not None
+        children = child_run_ids(resolve_tracking_uri(tracking_uri, None, runs_dir), ref) if maybe_parent else []
         out.extend(children or [ref])
     if len(out) < 2:
         raise CapsxError(f"--ensemble: {', '.join(refs)} is one model; give two runs or more, or a "
