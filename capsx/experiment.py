@@ -7,7 +7,6 @@ from __future__ import annotations
 import getpass
 import math
 import platform
-import re
 import signal
 import subprocess
 import time
@@ -47,6 +46,7 @@ from capsx.runs import (
     RunInfo,
     ensure_writable,
     find_run_dir,
+    is_run_id,
     make_run_dir,
     read_run_info,
     resolve_checkpoint,
@@ -450,7 +450,7 @@ def ensemble_members(refs: Sequence[str], *, runs_dir: Path, tracking_uri: str |
     out: list[str] = []
     for ref in refs:
         local = Path(ref).is_file() or find_run_dir(runs_dir, ref) is not None
-        maybe_parent = not local and re.fullmatch(r"[0-9a-f]{32}", ref) is not None
+        maybe_parent = not local and is_run_id(ref)
         children = child_run_ids(resolve_tracking_uri(tracking_uri, None, runs_dir), ref) if maybe_parent else []
         out.extend(children or [ref])
     if len(out) < 2:
@@ -466,13 +466,12 @@ def run_ensemble(refs: Sequence[str], *, data_root: Path | None, tracking_uri: s
     protocol); print each member and the ensemble; log to the runs' common parent if they have one."""
     device = resolve_device(device_name)
     members: list[Member] = []
-    ckpts: list[Path] = []
-    for ref in ensemble_members(refs, runs_dir=runs_dir, tracking_uri=tracking_uri):
-        ckpt = resolve_checkpoint(ref, runs_dir, tracking_uri, which="best")
+    ckpts = [resolve_checkpoint(ref, runs_dir, tracking_uri, which="best")
+             for ref in ensemble_members(refs, runs_dir=runs_dir, tracking_uri=tracking_uri)]
+    for ckpt in ckpts:
         payload = load_checkpoint(ckpt)
         recipe, model = load_model(payload, device)
         members.append(Member(str(payload.get("run_id") or ckpt), recipe, model))
-        ckpts.append(ckpt)
     first = members[0].recipe
     for m in members[1:]:
         data = m.recipe.data

@@ -59,6 +59,11 @@ def read_run_info(run_dir: Path) -> RunInfo:
     return RunInfo(**json.loads((run_dir / "run.json").read_text()))
 
 
+def is_run_id(ref: str) -> bool:
+    """Shaped like an MLflow run id (32 hex digits), so worth asking the tracking store about."""
+    return re.fullmatch(r"[0-9a-f]{32}", ref) is not None
+
+
 def find_run_dir(runs_dir: Path, ref: str) -> Path | None:
     """The local directory of run `ref` (a run id or `latest`), or None if it is not here."""
     infos = sorted(runs_dir.glob("*/*/run.json"))
@@ -99,7 +104,7 @@ def resolve_checkpoint(ref: str, runs_dir: Path, tracking_uri: str | None, which
         return best_checkpoint(run_dir)
     if ref == "latest":
         raise CapsxError(f"no runs in {runs_dir}/ yet; train one first (e.g. capsx train recipes/quickstart.yaml)")
-    if re.fullmatch(r"[0-9a-f]{32}", ref) and which == "best":
+    if is_run_id(ref) and which == "best":
         from capsx.tracking import download_checkpoint, resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri, None, runs_dir)
