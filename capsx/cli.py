@@ -74,9 +74,10 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    from capsx.runtime import keep_large_tensors_on_heap
+    from capsx.runtime import flush_denormals, keep_large_tensors_on_heap
 
     keep_large_tensors_on_heap()
+    flush_denormals()
 
 
 # ---------------------------------------------------------------------------------------------- train
