@@ -23,7 +23,7 @@ class ReferenceCapsNet(CapsNet):
 
     def encode(self, x: Tensor, trace: RoutingTrace | None = None) -> Tensor:
         assert trace is None, "the reference path records no trace"
-        u = self.primary_caps(F.relu(self.conv1(x)))  # (B, I, d)
+        u = self.primary_caps.capsules(self.primary_caps.conv(F.relu(self.conv1(x))))  # direct conv: (B, I, d)
         u_hat = predictions_reference(self.class_caps.weight, u)  # (B, I, J, D)
         v = routing_reference(u_hat, self.class_caps.routing_iters)  # (B, J, D), J = K (+1 none of the above)
         return v[:, :self.num_classes]  # (B, K, D)

@@ -1,0 +1,91 @@
+"""The frequency-domain convolution against torch's own conv2d, and its use in PrimaryCaps."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capsx.models import MODELS, build_model
+from capsx.models.fourier_conv import fourier_conv2d
+from capsx.models.reference import ReferenceCapsNet
+
+CASES = [  # (B, C, H, W), (O, kh, kw), stride
+    ((2, 3, 20, 20), (4, 9, 9), 2),  # the paper's PrimaryCaps shape, narrowed
+    ((3, 2, 13, 11), (5, 5, 3), 2),  # odd sizes, a non-square kernel: the half spectrum's odd width
+    ((1, 4, 10, 12), (2, 3, 3), 1),
+    ((2, 2, 17, 16), (3, 4, 6), 3),  # strides that leave input rows unused
+    ((2, 1, 7, 7), (3, 7, 7), 2),  # kernel as large as the input: one output position
+]
+
+
+@pytest.mark.parametrize("xs, ws, stride", CASES)
+def test_output_and_gradients_equal_conv2d(xs, ws, stride):
+    torch.manual_seed(0)
+    x = torch.randn(*xs, dtype=torch.double, requires_grad=True)
+    w = torch.randn(ws[0], xs[1], ws[1], ws[2], dtype=torch.double, requires_grad=True)
+    b = torch.randn(ws[0], dtype=torch.double, requires_grad=True)
+    y = fourier_conv2d(x, w, b, stride)
+    ref = F.conv2d(x, w, b, stride=stride)
+    assert y.shape == ref.shape
+    assert torch.allclose(y, ref, atol=1e-10)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, (x, w, b), g)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), g)
+    for name, got, want in zip("xwb", grads, ref_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-10), name
+
+
+def test_gradcheck_without_bias():
+    x = torch.randn(2, 2, 8, 7, dtype=torch.double, requires_grad=True)
+    w = torch.randn(3, 2, 3, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: fourier_conv2d(x, w, None, 2), (x, w))
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="larger than the input"):
+        fourier_conv2d(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 5, 5))
+    with pytest.raises(ValueError, match="expected x"):
+        fourier_conv2d(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 2, 2))
+
+
+def _paper_like_pair():
+    kwargs = {"conv1_channels": 32, "primary_types": 4, "decoder_hidden": [32, 64]}
+    torch.manual_seed(0)
+    fast = build_model(MODELS.get("capsnet")(**kwargs), (1, 28, 28), 10)
+    ref = ReferenceCapsNet((1, 28, 28), 10, **{**kwargs, "decoder_hidden": (32, 64)})
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def test_fp32_capsnet_takes_the_fourier_path_and_matches_the_direct_reference(monkeypatch):
+    fast, ref = _paper_like_pair()
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 5, 9, 0])
+    h = torch.relu(fast.conv1(x))
+    assert "Convolution" in fast.primary_caps.convolve(h).grad_fn.name()  # 4 < FOURIER_MIN_BATCH: direct
+    monkeypatch.setattr(fast.primary_caps, "FOURIER_MIN_BATCH", 2)
+    assert "FourierConv" in fast.primary_caps.convolve(h).grad_fn.name()
+    assert "Convolution" in ref.primary_caps.conv(h).grad_fn.name()
+    of, orf = fast(x, y), ref(x, y)
+    assert torch.allclose(of.capsules, orf.capsules, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(of.reconstruction, orf.reconstruction, rtol=1e-4, atol=1e-6)
+    (of.scores.sum() + of.reconstruction.sum()).backward()
+    (orf.scores.sum() + orf.reconstruction.sum()).backward()
+    for (name, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.allclose(pf.grad, pr.grad, rtol=1e-3, atol=1e-6 * pr.grad.abs().max()), name
+
+
+def test_bf16_autocast_keeps_the_direct_conv():
+    fast, _ = _paper_like_pair()
+    h = torch.rand(2, 32, 20, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "Convolution" in fast.primary_caps.convolve(h).grad_fn.name()
+
+
+def test_chunked_inference_equals_one_pass(monkeypatch):
+    fast, _ = _paper_like_pair()
+    h = torch.rand(7, 32, 20, 20)
+    monkeypatch.setattr(fast.primary_caps, "FOURIER_MIN_BATCH", 1)
+    with torch.no_grad():
+        whole = fast.primary_caps(h)
+        monkeypatch.setattr(fast.primary_caps, "FOURIER_CHUNK", 3)  # 7 samples -> chunks of 3, 3, 1
+        chunked = fast.primary_caps(h)
+    assert torch.allclose(whole, chunked, atol=1e-6)
