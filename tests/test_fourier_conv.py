@@ -73,11 +73,20 @@ def test_fp32_capsnet_takes_the_fourier_path_and_matches_the_direct_reference(mo
         assert torch.allclose(pf.grad, pr.grad, rtol=1e-3, atol=1e-6 * pr.grad.abs().max()), name
 
 
-def test_bf16_autocast_keeps_the_direct_conv():
+def test_bf16_autocast_runs_the_fourier_path_in_bf16_within_bf16_error(monkeypatch):
     fast, _ = _paper_like_pair()
-    h = torch.rand(2, 32, 20, 20)
+    monkeypatch.setattr(fast.primary_caps, "FOURIER_MIN_BATCH", 2)
+    h = torch.rand(4, 32, 20, 20)
+    exact = torch.nn.functional.conv2d(
+        h.double(), fast.primary_caps.conv.weight.double(), fast.primary_caps.conv.bias.double(), stride=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert "Convolution" in fast.primary_caps.convolve(h).grad_fn.name()
+        got = fast.primary_caps.convolve(h)
+        direct = fast.primary_caps.conv(h)
+    assert "FourierConv" in got.grad_fn.name() and got.dtype == direct.dtype == torch.bfloat16
+    def rel(y):
+        return ((y.double() - exact).norm() / exact.norm()).item()
+
+    assert rel(got) < 1e-2 and rel(direct) < 1e-2  # both at bf16's ~3 significant digits
 
 
 def test_chunked_inference_equals_one_pass(monkeypatch):
