@@ -74,10 +74,9 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    from capsx.runtime import flush_denormals, keep_large_tensors_on_heap
+    from capsx.runtime import keep_large_tensors_on_heap
 
     keep_large_tensors_on_heap()
-    flush_denormals()
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -661,4 +660,9 @@ def _become_mlflow(args: list[str], host: str, port: int, banner: str, env: dict
 
 
 def main() -> None:
+    """The process entry (`capsx`, `python -m capsx`, torchrun's workers). Subnormal flushing is set
+    here, not in the app's callback, so a host that runs the app in-process keeps its own float mode."""
+    from capsx.runtime import flush_denormals
+
+    flush_denormals()
     app()

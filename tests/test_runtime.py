@@ -11,6 +11,13 @@ import sys, torch
 from capsx.runtime import flush_denormals
 if sys.argv[1] == "on":
     flush_denormals()
+if sys.argv[1] == "cli":  # the console script's entry, as `capsx --version` runs it
+    from capsx.cli import main
+    sys.argv = ["capsx", "--version"]
+    try:
+        main()
+    except SystemExit:
+        pass
 torch.set_num_threads(2)
 x = torch.full((1 << 20,), 1e-30)  # large enough for torch to split the product over its worker threads
 y = x * 1e-10  # 1e-40: subnormal in fp32
@@ -20,7 +27,7 @@ print(int((y != 0).sum()))
 
 def nonzero_after_product(mode: str) -> int:
     out = subprocess.run([sys.executable, "-c", SUBNORMAL_PRODUCT, mode], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip())
+    return int(out.stdout.split()[-1])  # the last line: `--version` prints its own first
 
 
 def test_flush_denormals_zeroes_subnormal_results_on_every_thread():
@@ -28,3 +35,13 @@ def test_flush_denormals_zeroes_subnormal_results_on_every_thread():
     if not torch.set_flush_denormal(False):  # False: this CPU has no such mode (the default stays off)
         pytest.skip("this CPU has no flush-to-zero mode")
     assert nonzero_after_product("on") == 0
+    assert nonzero_after_product("cli") == 0
+
+
+def test_running_the_app_in_process_leaves_the_hosts_float_mode_alone(workdir):
+    from typer.testing import CliRunner
+
+    from capsx.cli import app
+
+    assert CliRunner().invoke(app, ["--version"]).exit_code == 0
+    assert (torch.tensor([1e-30]) * 1e-10).item() != 0  # e.g. hypothesis refuses to run with subnormals off
