@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from capsx.models import MODELS, build_model
-from capsx.models.fourier_conv import fourier_conv2d
+from capsx.models.fourier_conv import dft_matrices, fourier_conv2d
 from capsx.models.reference import ReferenceCapsNet
 
 CASES = [  # (B, C, H, W), (O, kh, kw), stride
@@ -32,6 +32,15 @@ def test_output_and_gradients_equal_conv2d(xs, ws, stride):
     ref_grads = torch.autograd.grad(ref, (x, w, b), g)
     for name, got, want in zip("xwb", grads, ref_grads, strict=True):
         assert torch.allclose(got, want, atol=1e-10), name
+
+
+@pytest.mark.parametrize("h, w", [(20, 20), (7, 10)])
+def test_the_image_dft_matrix_is_torchs_rfft2(h, w):
+    x = torch.randn(3, h, w, dtype=torch.double)
+    to_x, _, _ = dft_matrices(h, w, 3, 3, 2, torch.double, torch.device("cpu"))
+    X = (x.reshape(3, h * w) @ to_x).view(3, 2, h, w // 2 + 1)  # [Re | Im], u-major
+    want = torch.fft.rfft2(x)
+    assert torch.allclose(X[:, 0], want.real, atol=1e-10) and torch.allclose(X[:, 1], want.imag, atol=1e-10)
 
 
 def test_gradcheck_without_bias():
