@@ -36,7 +36,7 @@ class PrimaryCaps(nn.Module):
         self.types, self.dim = types, dim
         self.conv = nn.Conv2d(in_channels, types * dim, kernel_size, stride=stride)
 
-    FOURIER_CHUNK = 256  # samples at a time without autograd: bounds the frequency-domain temporaries
+    FOURIER_CHUNK = 256  # samples at a time without autograd (fourier_conv2d's `chunk`)
     # Below this batch the kernel's transform (paid once per call) costs more than the direct conv: measured
     # for the MNIST layer, forward + backward, 2 threads: batch 16 201 vs 154 ms, 32 219 vs 230, 128 474 vs 910.
     FOURIER_MIN_BATCH = 32
@@ -49,20 +49,20 @@ class PrimaryCaps(nn.Module):
         of FOURIER_MIN_BATCH or more, fp32 or under bf16 autocast (then the products run in bf16, as
         autocast's own conv would; relative error 4.8e-3 against fp64 where oneDNN's bf16 conv has 2.8e-3)."""
         conv = self.conv
-        low = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        if (x.device.type != "cpu" or conv.stride[0] == 1 or conv.stride[0] != conv.stride[1]
-                or len(x) < self.FOURIER_MIN_BATCH or not (low or (x.dtype == torch.float32
-                                                                 and not torch.is_autocast_enabled("cpu")))):
+        dtype = self._fourier_dtype(x)
+        if (dtype is None or x.device.type != "cpu" or conv.stride[0] == 1 or conv.stride[0] != conv.stride[1]
+                or len(x) < self.FOURIER_MIN_BATCH):
             return conv(x)
-        stride = conv.stride[0]
+        bias = None if conv.bias is None else conv.bias.to(dtype)
         with torch.autocast("cpu", enabled=False):
-            w, b = conv.weight, conv.bias
-            if low:
-                x, w = x.to(torch.bfloat16), w.to(torch.bfloat16)
-                b = None if b is None else b.to(torch.bfloat16)
-            if torch.is_grad_enabled() or len(x) <= self.FOURIER_CHUNK:
-                return fourier_conv2d(x, w, b, stride)
-            return torch.cat([fourier_conv2d(part, w, b, stride) for part in x.split(self.FOURIER_CHUNK)])
+            return fourier_conv2d(x.to(dtype), conv.weight.to(dtype), bias, conv.stride[0], self.FOURIER_CHUNK)
+
+    @staticmethod
+    def _fourier_dtype(x: Tensor) -> torch.dtype | None:
+        """bf16 under bf16 autocast, fp32 for fp32 input outside autocast; None otherwise (fp16, fp64)."""
+        if torch.is_autocast_enabled("cpu"):
+            return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+        return torch.float32 if x.dtype == torch.float32 else None
 
     def capsules(self, y: Tensor) -> Tensor:
         """Conv output (B, types*dim, H, W) -> squashed capsules (B, types*H*W, dim)."""
