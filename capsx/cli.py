@@ -45,13 +45,22 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(
     help="More key.path=value overrides, e.g. train.epochs=1 data.subset=2000.", show_default=False)]
 
 
+_process_entry = False  # set by `main()`: the process is capsx's own (not a host running the app in-process)
+
+
 def handles_errors(fn: F) -> F:
-    """Turn the project's errors into one red line and an exit code, never a traceback."""
+    """Turn the project's errors into one red line and an exit code, never a traceback. In capsx's own
+    process, also set the float mode a command computes in, before its first tensor (never for --help,
+    which Typer answers before the command runs: importing torch alone takes seconds)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from capsx.console import print_error
 
+        if _process_entry:
+            from capsx.runtime import flush_denormals
+
+            flush_denormals()
         try:
             return fn(*args, **kwargs)
         except CapsxError as e:
@@ -660,9 +669,9 @@ def _become_mlflow(args: list[str], host: str, port: int, banner: str, env: dict
 
 
 def main() -> None:
-    """The process entry (`capsx`, `python -m capsx`, torchrun's workers). Subnormal flushing is set
-    here, not in the app's callback, so a host that runs the app in-process keeps its own float mode."""
-    from capsx.runtime import flush_denormals
-
-    flush_denormals()
+    """The process entry (`capsx`, `python -m capsx`, torchrun's workers). Subnormal flushing is asked
+    for here, not in the app's callback, so a host that runs the app in-process keeps its own float mode;
+    it happens when a command starts (`handles_errors`), so `--help` never imports torch."""
+    global _process_entry
+    _process_entry = True
     app()

@@ -9,10 +9,11 @@ import pytest
 import torch
 from scipy.io import savemat
 
+from capsx.data import canonical_root, resolve_data_root
 from capsx.data.affnist import affine_mnist, affnist_files, load_affnist, read_affnist_mat
 from capsx.data.imageset import ImageSet
 from capsx.data.integrity import CACHE_FILE, cache_dir
-from capsx.data.mnist import MNISTConfig
+from capsx.data.mnist import MNIST_FILES, MNISTConfig
 from capsx.data.transforms import centre_on_canvas, ink_box
 from capsx.errors import DataError
 from tests.conftest import real_mnist_root, write_idx, write_mnist
@@ -138,6 +139,24 @@ def test_the_verdict_is_cached_per_files_and_redone_when_a_file_changes(tmp_path
                 if v["files"][0].startswith(str(root.resolve()))}) == 2
 
 
+def test_a_symlinked_relative_or_home_root_is_the_same_data_set_with_one_cache_entry(tmp_path, monkeypatch):
+    real = write_mnist(tmp_path / "store" / "d", n_train=50, n_test=20)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "store"))
+    monkeypatch.chdir(tmp_path)
+    spellings = [tmp_path / "link", Path("link"), Path("store/d/../d"), Path("~/d"), real]
+    for root in spellings:
+        assert resolve_data_root(str(root), None) == real.resolve()
+        MNISTConfig().load_splits(root)
+    cache = json.loads((cache_dir() / CACHE_FILE).read_text())
+    mine = [v for v in cache.values() if "/store/d/" in v["files"][0]]
+    assert len(mine) == 1 and mine[0]["files"][0] == str(real.resolve() / "MNIST" / "raw" / MNIST_FILES[0])
+    # what a leak says names the canonical folder too
+    leak = _mnist_with_a_leak(tmp_path / "store" / "leak", copies=1)
+    with pytest.raises(DataError, match=f"in {leak.resolve()}/MNIST/raw: 1 of 20"):
+        MNISTConfig().load_splits(Path("~/leak"))
+
+
 @pytest.mark.mnist
 def test_real_mnist_splits_are_disjoint():
     root = real_mnist_root()
@@ -146,5 +165,5 @@ def test_real_mnist_splits_are_disjoint():
     splits = MNISTConfig().load(root)
     assert isinstance(splits.train, ImageSet) and len(splits.test) == 10_000
     entry = next(v for v in json.loads((cache_dir() / CACHE_FILE).read_text()).values()
-                 if v["files"][0].startswith(str(root.resolve())))
+                 if v["files"][0].startswith(str(canonical_root(root))))
     assert entry["shared"] == 0 and entry["train"] == 60_000

@@ -11,9 +11,9 @@ import sys, torch
 from capsx.runtime import flush_denormals
 if sys.argv[1] == "on":
     flush_denormals()
-if sys.argv[1] == "cli":  # the console script's entry, as `capsx --version` runs it
-    from capsx.cli import main
-    sys.argv = ["capsx", "--version"]
+if sys.argv[1] in ("cli", "help"):  # the console script's entry: a command that runs (here to its
+    from capsx.cli import main      # one-line error), or --help, which computes nothing
+    sys.argv = ["capsx", "summary", "no-such-recipe.yaml"] if sys.argv[1] == "cli" else ["capsx", "--help"]
     try:
         main()
     except SystemExit:
@@ -27,7 +27,7 @@ print(int((y != 0).sum()))
 
 def nonzero_after_product(mode: str) -> int:
     out = subprocess.run([sys.executable, "-c", SUBNORMAL_PRODUCT, mode], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1])  # the last line: `--version` prints its own first
+    return int(out.stdout.split()[-1])  # the last line: `--help` prints its own first
 
 
 def test_flush_denormals_zeroes_subnormal_results_on_every_thread():
@@ -36,6 +36,16 @@ def test_flush_denormals_zeroes_subnormal_results_on_every_thread():
         pytest.skip("this CPU has no flush-to-zero mode")
     assert nonzero_after_product("on") == 0
     assert nonzero_after_product("cli") == 0
+    assert nonzero_after_product("help") == 1 << 20  # --help sets nothing (it does not even import torch)
+
+
+def test_help_does_not_import_torch_mlflow_or_the_models():
+    probe = ("import sys\nfrom capsx.cli import main\nsys.argv = ['capsx', *sys.argv[1:]]\ntry:\n    main()\n"
+             "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'mlflow', 'capsx.models', 'torchvision')"
+             " if m in sys.modules))")
+    for args in (["--help"], ["train", "--help"], ["visualize", "--help"], ["perturb", "--help"]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True)
+        assert "Usage" in out.stdout and out.stdout.strip().splitlines()[-1] == "[]", (args, out.stdout[-300:])
 
 
 def test_running_the_app_in_process_leaves_the_hosts_float_mode_alone(workdir):

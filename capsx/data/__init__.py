@@ -15,6 +15,7 @@ from capsx.data import smallnorb as _smallnorb  # noqa: E402,F401
 from capsx.data import svhn as _svhn  # noqa: E402,F401
 from capsx.data.batches import Batch, Batches
 from capsx.data.config import DATASETS, AugmentConfig, DataConfig, register_dataset
+from capsx.data.files import canonical_root
 from capsx.data.imageset import DataSplits, ImageSet
 from capsx.data.transforms import center_crop, random_crop, random_shift
 
@@ -22,12 +23,12 @@ DEFAULT_DATA_ROOT = Path("data")
 
 
 def resolve_data_root(cli_root: str | None, recipe_root: str | None) -> Path:
-    """--data-root, else the recipe's data root, else $CAPSX_DATA, else ./data."""
+    """--data-root, else the recipe's data root, else $CAPSX_DATA, else ./data; as a canonical path."""
     for candidate in (cli_root, recipe_root, os.environ.get("CAPSX_DATA")):
         if candidate:
-            return Path(candidate).expanduser()
-    return DEFAULT_DATA_ROOT
+            return canonical_root(candidate)
+    return canonical_root(DEFAULT_DATA_ROOT)
 
 
 __all__ = ["DATASETS", "AugmentConfig", "Batch", "Batches", "DataConfig", "DataSplits", "ImageSet",
-           "center_crop", "random_crop", "random_shift", "register_dataset", "resolve_data_root"]
+           "canonical_root", "center_crop", "random_crop", "random_shift", "register_dataset", "resolve_data_root"]

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
+from capsx.data.files import canonical_root
 from capsx.data.imageset import DataSplits, ImageSet
 from capsx.data.transforms import center_crop
 from capsx.errors import DataError
@@ -62,8 +63,9 @@ class DataConfig(Section):
 
     def load_splits(self, root: Path) -> DataSplits:
         """`load`, then the subsets the recipe asks for, then the test split's central crop
-        (done once here, so evaluation and every picture command see what the model was built for)."""
-        splits = self.load(root)
+        (done once here, so evaluation and every picture command see what the model was built for).
+        `root` is made canonical first: whichever way it was spelled, the data set's paths are the same."""
+        splits = self.load(canonical_root(root))
         if self.subset is not None:
             splits.train = splits.train.subset(self.subset)
         if self.test_subset is not None:

@@ -12,6 +12,14 @@ from capsx.errors import DataError
 DOWNLOAD_FLAG = "add --set data.download=true to fetch it"
 
 
+def canonical_root(root: str | Path) -> Path:
+    """One spelling per folder: `~` expanded, made absolute, symbolic links followed. The data root is
+    put through this once, where it is chosen and where a data set is loaded, so every path derived from
+    it (the split check's cache key and entry, the readers, the error messages) is the same whether the
+    folder was reached through a symlink, a relative path or `~`."""
+    return Path(root).expanduser().resolve()
+
+
 def require_files(title: str, folder: Path, names: list[str], holder: str, how_to_get: str = DOWNLOAD_FLAG) -> None:
     """Raise one DataError naming the missing `names` in `folder`; `holder` is the folder the data root
     must contain (e.g. "MNIST/"), `how_to_get` the other way to get the files."""

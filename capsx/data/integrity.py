@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from capsx.data.files import canonical_root
 from capsx.errors import DataError
 
 CACHE_FILE = "split_check.json"
@@ -31,11 +32,11 @@ def cache_dir() -> Path:
 
 
 def files_key(name: str, files: list[Path]) -> str:
-    """Changes when any file is replaced, rewritten or moved."""
+    """Changes when any file is replaced, rewritten or moved; `files` are canonical paths."""
     parts = [name]
     for f in files:
         st = f.stat()
-        parts.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+        parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -52,7 +53,9 @@ def shared_images(train: Tensor, test: Tensor) -> int:
 
 
 def check_disjoint(name: str, files: list[Path], train: Tensor, test: Tensor) -> None:
-    """Raise `DataError` if the splits share images; the verdict is cached per `files`."""
+    """Raise `DataError` if the splits share images; the verdict is cached per `files` (the key and the
+    entry name the same canonical paths, however the data root was spelled)."""
+    files = [canonical_root(f) for f in files]
     key = files_key(name, files)
     path = cache_dir() / CACHE_FILE
     cache = _read(path)

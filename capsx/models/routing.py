@@ -16,9 +16,19 @@ SQUASH_EPS = 1e-8  # |s| can be exactly 0 (a dead primary capsule); keep sqrt's 
 
 
 def squash(s: Tensor, dim: int = -1) -> Tensor:
-    """v = |s|^2 / (1 + |s|^2) * s / |s|  (Eq. 1): length in [0, 1), direction kept."""
-    n2 = (s * s).sum(dim=dim, keepdim=True)
-    return s * (n2 / ((1.0 + n2) * torch.sqrt(n2 + SQUASH_EPS)))
+    """v = |s|^2 / (1 + |s|^2) * s / |s|  (Eq. 1), direction kept.
+
+    What it promises in floating point: the length factor |s|^2 / (1 + |s|^2) is in [0, 1] exactly
+    (a correctly rounded division of a by b >= a), so |v| is in [0, 1] up to the rounding of s / |s|
+    (a few ulp). Eq. 1's strict |v| < 1 holds only while 1 + |s|^2 differs from |s|^2: in fp32 up to
+    |s| ~ 4096, beyond which the length is 1 (the result then depends on the CPU's summation order).
+    Half-precision input is squashed in fp32 (|s|^2 overflows fp16 from |s| > 256) and cast back.
+    """
+    x = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    n2 = (x * x).sum(dim=dim, keepdim=True)
+    # The factors kept apart: (1 + n2) * sqrt(n2) would overflow fp32 from |s| ~ 1e13.
+    v = x * ((n2 / (1.0 + n2)) * torch.rsqrt(n2 + SQUASH_EPS))
+    return v.to(s.dtype)
 
 
 def capsule_length(v: Tensor, dim: int = -1) -> Tensor:
