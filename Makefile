@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 train: install  ## the quickstart: a small CapsNet on the embedded `shapes` data set (no download)
 	$(BIN)/capsx train recipes/quickstart.yaml
 
-test: install  ## the whole suite (CI runs exactly this)
+test: install  ## the whole suite, then its numerics-sensitive tests under a lower CPU class (CI runs exactly this)
 	$(BIN)/python -m pytest -q
+	$(BIN)/python tests/lower_isa.py -q
 
 bench: install  ## the paper's CapsNet: capsx against the plain reference, train and inference images/s
 	$(BIN)/capsx bench recipes/mnist-capsnet.yaml

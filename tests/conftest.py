@@ -161,6 +161,16 @@ def real_mnist_root() -> Path | None:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _kernels_as_asked() -> None:
+    """Under tests/lower_isa.py: the lower CPU capability really is the one torch runs (an ignored
+    ATEN_CPU_CAPABILITY would make the second run a copy of the first)."""
+    expected = os.environ.get("CAPSX_EXPECT_CPU_CAPABILITY")
+    if expected is not None:
+        got = torch.backends.cpu.get_cpu_capability()
+        assert got == expected, f"ATEN_CPU_CAPABILITY asked for {expected}, torch runs {got} kernels"
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The split-integrity verdicts go to a temp cache, not the user's ~/.cache."""
     os.environ["CAPSX_CACHE"] = str(tmp_path_factory.mktemp("capsx-cache"))

@@ -31,6 +31,7 @@ class _NoTracking:
     def log_params(self, params): ...
 
 
+@pytest.mark.numerics
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     recipe = recipe_from_dict(tiny_recipe(), "t")
     result = fit(recipe, _run(tmp_path, "a", _NoTracking()))
@@ -99,6 +100,7 @@ class _SignalAt:
             os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("model", [
     {"name": "capsnet", "conv1_channels": 8, "primary_types": 4, "class_dim": 8, "decoder_hidden": [16, 32]},
     {"name": "convnet_small", "channels": [4, 8], "hidden": [16], "dropout": 0.5},  # dropout: the RNG matters

@@ -41,6 +41,7 @@ def test_early_stopping_after_patience_epochs_without_a_better_test_error(tmp_pa
     assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
 
 
+@pytest.mark.numerics
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     tracker = _NoTracking()
     recipe = recipe_from_dict(tiny_recipe(), "t", ["train.precision=bf16"])
@@ -122,6 +123,8 @@ def test_memory_preflight_stops_a_batch_that_cannot_fit(tmp_path):
         check_memory(engine_model, MarginLossConfig(), (1, 28, 28), "adam", torch.device("cpu"), too_big)
 
 
+# Not in the `numerics` rerun: under ATEN_CPU_CAPABILITY=default, torch 2.14.1's inductor still emits
+# vectorised C++ (at::vec) without its headers and fails to compile; a torch limitation, not capsx's.
 def test_train_compile_trains_the_same_model_as_eager(tmp_path):
     cnn = {"name": "convnet_small", "channels": [4], "hidden": [8], "dropout": 0.0}
     small = {"name": "shapes", "train_size": 32, "test_size": 16, "batch_size": 16}
@@ -137,6 +140,7 @@ def test_train_compile_trains_the_same_model_as_eager(tmp_path):
         torch.testing.assert_close(results[True][k], results[False][k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_adam_is_fused_on_the_cpu_and_steps_like_torchs_plain_loop():
     from capsx.models import build_model
     from capsx.optim import OptimizerConfig, build_optimizer

@@ -8,6 +8,8 @@ from capsx.models import MODELS, build_model
 from capsx.models.fourier_conv import dft_matrices, fourier_conv2d
 from capsx.models.reference import ReferenceCapsNet
 
+pytestmark = pytest.mark.numerics  # run again under a lower CPU capability (tests/lower_isa.py)
+
 CASES = [  # (B, C, H, W), (O, kh, kw), stride
     ((2, 3, 20, 20), (4, 9, 9), 2),  # the paper's PrimaryCaps shape, narrowed
     ((3, 2, 13, 11), (5, 5, 3), 2),  # odd sizes, a non-square kernel: the half spectrum's odd width

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -15,6 +16,7 @@ from tests.conftest import tiny_recipe
 CAPSX = str(Path(sys.executable).with_name("capsx"))
 
 
+@pytest.mark.numerics
 def test_sigint_saves_a_checkpoint_and_resume_finishes_the_same_run(workdir):
     recipe = workdir / "long.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(

@@ -1,9 +1,12 @@
 """Margin and reconstruction losses against values computed by hand."""
 
+import pytest
 import torch
 
 from capsx.losses import CrossEntropyConfig, MarginLossConfig, margin_loss, reconstruction_loss
 from capsx.models.output import ModelOutput
+
+pytestmark = pytest.mark.numerics  # run again under a lower CPU capability (tests/lower_isa.py)
 
 
 def test_margin_loss_hand_computed():

@@ -68,6 +68,7 @@ def test_paper_parameter_counts():
     assert sum(p.numel() for p in cnn.parameters()) == 35_445_522  # "35.4M"
 
 
+@pytest.mark.numerics
 def test_capsnet_forward_equals_reference_routing():
     model = build_model(MODELS.get("capsnet")(**SMALL["capsnet"]), (1, 28, 28), 10).double()
     x = torch.rand(2, 1, 28, 28, dtype=torch.double)
@@ -99,6 +100,7 @@ def test_trace_through_the_model():
     assert trace.couplings[0].shape == (2, u.shape[1], 10)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", OVERFIT)
 def test_tiny_model_overfits_a_tiny_batch(name):
     torch.manual_seed(0)
@@ -123,6 +125,7 @@ def test_tiny_model_overfits_a_tiny_batch(name):
     assert terms.total.item() < 0.05
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("shape, extra", [((1, 28, 28), {}), ((3, 24, 24), {"none_of_the_above": True}),
                                           ((2, 32, 32), {"primary_dim": 6, "class_dim": 8})],
                          ids=["mnist", "cifar10-none-of-the-above", "smallnorb-stereo-6d-8d"])
@@ -156,6 +159,7 @@ def test_he_init_scales_hidden_layers_by_fan_in_and_leaves_the_output_layer():
     assert last.weight.std().item() < 1.5 * default.classifier[-1].weight.std().item()  # output layer untouched
 
 
+@pytest.mark.numerics
 def test_chunked_inference_equals_whole_batch_routing():
     from capsx.models.capsnet import ClassCaps
 
@@ -188,6 +192,7 @@ def test_none_of_the_above_routes_but_is_not_a_class():
     assert caps.weight.grad[:, 10].abs().sum() > 0
 
 
+@pytest.mark.numerics
 def test_routing_stays_fp32_under_bf16_autocast_while_the_convolutions_do_not():
     torch.manual_seed(0)
     model = CapsNet((1, 28, 28), 10, conv1_channels=16, primary_types=4, primary_dim=8, class_dim=8,

@@ -5,6 +5,8 @@ import torch
 
 from capsx.models.routing import RoutingTrace, capsule_length, dynamic_routing, routing_reference, squash
 
+pytestmark = pytest.mark.numerics  # run again under a lower CPU capability (tests/lower_isa.py)
+
 
 def _directions(n: int, dim: int, seed: int, dtype=torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
