@@ -35,6 +35,10 @@ class ProgressReporter:
         self.plain_done = 0
         self.plain_label = ""
 
+    def warn(self, message: str) -> None:
+        """One yellow line before the bars (plain text: no Rich markup is interpreted)."""
+        self.console.print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)
+
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
         if not self.console.is_terminal:  # a live bar would only print at the end
             self.plain_every = max(1, steps // self.LOG_LINES_PER_EPOCH)

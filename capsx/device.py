@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,28 @@ def resolve_device(name: str) -> torch.device:
         found = ", ".join(k for k, ok in available.items() if ok)
         raise CapsxError(f"device {name!r} is not available here; available: {found} (or use device: auto)")
     return torch.device(name)
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPU flags of bf16 arithmetic units (/proc/cpuinfo)
+
+
+def cpu_has_bf16_units(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes in bf16 natively (x86 avx512_bf16 or AMX, Arm's bf16 extension);
+    None where it cannot be told (no Linux /proc/cpuinfo). Without them torch's bf16 kernels convert
+    to fp32 and back around every operation, which is usually slower than fp32 itself."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, Arm
+            flags.update(value.split())
+    if not flags:
+        return None
+    return any(f in flags for f in (*BF16_FLAGS, "bf16"))
 
 
 def describe_device(device: torch.device) -> str:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from capsx import memory
 from capsx.checkpoint import save_checkpoint
 from capsx.data import Batches, DataSplits
-from capsx.device import autocast, eval_mode
+from capsx.device import autocast, cpu_has_bf16_units, eval_mode
 from capsx.distributed import SINGLE, Group, per_process_batch
 from capsx.errors import CapsxError, RunError
 from capsx.interrupt import StopRequest
@@ -46,12 +46,14 @@ class Tracker(Protocol):
 class Reporter(Protocol):
     """What the loop tells the user; the CLI's is a Rich progress bar."""
 
+    def warn(self, message: str) -> None: ...
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None: ...
     def step(self, totals: EpochTotals, lr: float) -> None: ...
     def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
 
 class QuietReporter:
+    def warn(self, message: str) -> None: ...
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None: ...
     def step(self, totals: EpochTotals, lr: float) -> None: ...
     def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
@@ -185,8 +187,11 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
         _set_rng_state(per_rank[group.rank] if per_rank and len(per_rank) == group.world else resume["rng"])
 
     local_batch = per_process_batch(data_cfg.batch_size, group.world)
-    check_memory(model, criterion, data_cfg.input_shape, recipe.optimizer.name, run.device,
-                 min(local_batch, len(splits.train)), data_cfg.objects)
+    if group.is_main and cfg.precision == "bf16" and run.device.type == "cpu" and cpu_has_bf16_units() is False:
+        run.reporter.warn(BF16_WITHOUT_UNITS)
+    step_batch = min(local_batch, len(splits.train))
+    probe = check_memory(model, criterion, data_cfg.input_shape, recipe.optimizer.name, run.device, step_batch,
+                         data_cfg.objects)
     train_batches = Batches(splits.train.to(run.device), data_cfg.batch_size, shuffle=True, seed=cfg.seed,
                             shift=data_cfg.train_shift, crop=data_cfg.augment.crop,
                             max_steps=cfg.max_steps_per_epoch, rank=group.rank, world=group.world)
@@ -198,6 +203,10 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
     if cfg.compile:
         net = torch.compile(net)  # type: ignore[assignment]
     total_steps = len(train_batches) * cfg.epochs
+    epoch_seconds = probe.step_seconds(step_batch) * len(train_batches)
+    if group.is_main and epoch_seconds > LONG_EPOCH_SECONDS and state.epoch < cfg.epochs:
+        run.reporter.warn(long_epoch_advice(epoch_seconds, len(train_batches), data_cfg.batch_size,
+                                            run.device, cfg.precision))
 
     def lr_at(step: int) -> float:
         return recipe.optimizer.lr * lr_factor(recipe.schedule, step, total_steps)
@@ -354,16 +363,41 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Criterion, *, precis
 
 
 def check_memory(model: nn.Module, criterion: Criterion, input_shape: tuple[int, int, int], optimizer: str,
-                 device: torch.device, batch: int, objects: int = 1) -> None:
-    """Stop before training if a step at `batch` will not fit the device, saying what would."""
-    est = memory.estimate(model, criterion, input_shape, optimizer, device, objects)
+                 device: torch.device, batch: int, objects: int = 1) -> memory.Probe:
+    """Stop before training if a step at `batch` will not fit the device, saying what would.
+    Returns what the probe steps measured (their time too)."""
+    probe = memory.probe(model, criterion, input_shape, optimizer, device, objects)
+    est = probe.memory
     if est is None or est.peak(batch) <= est.available:
-        return
+        return probe
     fits = est.largest_batch()
     advice = f"the largest batch that fits is about {fits}" if fits else "not even a batch of 1 fits"
     raise CapsxError(f"data.batch_size {batch}: a training step needs about {memory.gib(est.peak(batch))} "
                      f"({memory.gib(100 * est.per_image)} per 100 images) but {device.type} has "
                      f"{memory.gib(est.available)} free; {advice}")
+
+
+LONG_EPOCH_SECONDS = 2 * 3600  # an epoch longer than this gets a word before training starts
+BF16_WITHOUT_UNITS = ("train.precision=bf16 on a CPU without bf16 units (no avx512_bf16 or amx_bf16): torch "
+                      "converts to fp32 and back around each operation, so this is likely slower than fp32 "
+                      "here (measured on an AVX2 CPU: see the README's Performance)")
+
+
+def long_epoch_advice(seconds: float, steps: int, batch: int, device: torch.device, precision: str) -> str:
+    """One line: how long an epoch will take here, and what would shorten it. Never a refusal: the
+    paper's protocol is a valid thing to start."""
+    ways = ["data.subset=N (train on N images)", "train.max_steps_per_epoch=N"]
+    if precision == "fp32" and (device.type != "cpu" or cpu_has_bf16_units()):
+        ways.append("train.precision=bf16")
+    if device.type != "cuda":
+        ways.append("a GPU (device: cuda)")
+    return (f"one epoch is {steps:,} steps of batch {batch} and will take about {_duration(seconds)} on this "
+            f"{device.type} (timed on the pre-flight's probe step); to shorten it: {', '.join(ways)}")
+
+
+def _duration(seconds: float) -> str:
+    hours = seconds / 3600
+    return f"{hours:,.0f} h" if hours >= 10 else f"{hours:.1f} h"
 
 
 DIAGNOSTIC_IMAGES = 100  # test images a model's own diagnostics (e.g. routing) look at each epoch

@@ -333,7 +333,7 @@ def _report_check(title: str, rows: list[CheckRow], what: str) -> None:
 def eval_set(recipe: Recipe, dataset: str, root: Path, run_label: str) -> Examples:
     """The images `capsx eval --dataset` means, refused if the run's model takes another size."""
     if dataset == "test":
-        return recipe.data.load_splits(root).test
+        return recipe.data.load_test_split(root)
     if dataset not in EVAL_SETS:
         raise CapsxError(f"--dataset {dataset!r}: expected one of: {', '.join(EVAL_SETS)}")
     if recipe.data.classes != [str(d) for d in range(10)]:

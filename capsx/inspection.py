@@ -54,7 +54,7 @@ class Trained:
 
     def test_set(self, limit: int | None = None) -> ImageSet:
         """The first `limit` test examples (by default all, or the first GENERATED_LIMIT of a generated set)."""
-        test = self.recipe.data.load_splits(self.data_root).test
+        test = self.recipe.data.load_test_split(self.data_root)
         if limit is None:
             limit = len(test) if isinstance(test, ImageSet) else GENERATED_LIMIT
         return test.head(limit)

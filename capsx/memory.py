@@ -1,17 +1,19 @@
-"""Memory pre-flight: will a training step at this batch size fit the device?
+"""Pre-flight: will a training step at this batch size fit the device, and how long will it take?
 
 Measured, not modelled: two probe steps (forward and backward at batch 8 and
 40, weights untouched) are run and their peak memory read: on CUDA from the
 allocator's peak statistics, on a Linux CPU from the process's peak resident
 size (reset between probes through /proc/self/clear_refs). The difference
 gives the cost per image, the first probe the fixed cost; the optimizer's
-state (not yet allocated) is added from the parameter count.
+state (not yet allocated) is added from the parameter count. The same probe
+steps are timed, on every device, for the estimate of an epoch's length.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,20 @@ class MemoryEstimate:
 
     def largest_batch(self) -> int:
         return max(0, math.floor((self.available / MARGIN - self.fixed) / self.per_image))
+
+
+@dataclass
+class Probe:
+    """What the two probe steps measured."""
+
+    memory: MemoryEstimate | None  # None where this device's memory cannot be read (MPS, non-Linux CPU)
+    seconds: tuple[float, float]  # wall time of each probe step (forward and backward), as PROBE_BATCHES
+
+    def step_seconds(self, batch: int) -> float:
+        """A training step at `batch`, from the larger probe's time per image. An estimate: the first
+        probe pays one-time costs (first allocations, kernel selection), the probes take no optimizer
+        step, and a bigger batch is often cheaper per image."""
+        return self.seconds[1] / PROBE_BATCHES[1] * batch
 
 
 def _status_kib(field: str) -> int:
@@ -79,7 +95,51 @@ def _step(model: nn.Module, criterion: object, input_shape: tuple[int, int, int]
 
 def estimate(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], optimizer: str,
              device: torch.device, objects: int = 1) -> MemoryEstimate | None:
-    """Measure; None where this device's memory cannot be read (MPS, non-Linux CPU)."""
+    """Measure the memory; None where this device's memory cannot be read (MPS, non-Linux CPU)."""
+    return probe(model, criterion, input_shape, optimizer, device, objects).memory
+
+
+def probe(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], optimizer: str,
+          device: torch.device, objects: int = 1) -> Probe:
+    """Take the two probe steps (weights untouched, the RNG as it was), reading memory and time."""
+    readers = _memory_readers(device)
+    sync = _synchronizer(device)
+    if readers is not None:
+        readers[0]()
+    was_training = model.training
+    model.train()
+    peaks, seconds = [], []
+    try:
+        with torch.random.fork_rng(devices=[]):  # dropout in a probe must not shift training's RNG
+            baseline = readers[2]() if readers is not None else 0
+            for b in PROBE_BATCHES:
+                if readers is not None:
+                    readers[0]()
+                sync()
+                started = time.perf_counter()
+                _step(model, criterion, input_shape, b, device, objects)
+                sync()
+                seconds.append(time.perf_counter() - started)
+                if readers is not None:
+                    peaks.append(readers[1]())
+    finally:
+        model.train(was_training)
+    timed = (seconds[0], seconds[1])
+    if readers is None:
+        return Probe(None, timed)
+    _, _, now, free = readers
+    (b1, b2), (p1, p2) = PROBE_BATCHES, peaks
+    per_image = max(1, (p2 - p1) // (b2 - b1))
+    state = sum(p.numel() * p.element_size() for p in model.parameters()) * OPTIMIZER_COPIES.get(optimizer, 2)
+    fixed = max(0, p1 - baseline - per_image * b1) + state
+    return Probe(MemoryEstimate(per_image, fixed, free() + max(0, now() - baseline)), timed)
+
+
+Readers = tuple[Callable[[], None], Callable[[], int], Callable[[], int], Callable[[], int]]
+
+
+def _memory_readers(device: torch.device) -> Readers | None:
+    """(reset peak, read peak, in use now, free) in bytes for `device`; None where it cannot be read."""
     if device.type == "cuda":
         def reset() -> None:
             torch.cuda.synchronize(device)
@@ -94,40 +154,33 @@ def estimate(model: nn.Module, criterion: object, input_shape: tuple[int, int, i
 
         def free() -> int:
             return int(torch.cuda.mem_get_info(device)[0])
-    elif device.type == "cpu":
-        probe = _cpu_probe()
-        if probe is None:
-            return None
-        reset, read = probe
-        reset()
 
-        def now() -> int:
+        return reset, read, now, free
+    if device.type == "cpu":
+        cpu = _cpu_probe()
+        if cpu is None:
+            return None
+
+        def rss() -> int:
             return _status_kib("VmRSS") * 1024
 
-        def free() -> int:
+        def available() -> int:
             for line in Path("/proc/meminfo").read_text().splitlines():
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
             raise OSError("MemAvailable")
-    else:
-        return None
-    was_training = model.training
-    model.train()
-    peaks = []
-    try:
-        with torch.random.fork_rng(devices=[]):  # dropout in a probe must not shift training's RNG
-            baseline = now()
-            for b in PROBE_BATCHES:
-                reset()
-                _step(model, criterion, input_shape, b, device, objects)
-                peaks.append(read())
-    finally:
-        model.train(was_training)
-    (b1, b2), (p1, p2) = PROBE_BATCHES, peaks
-    per_image = max(1, (p2 - p1) // (b2 - b1))
-    state = sum(p.numel() * p.element_size() for p in model.parameters()) * OPTIMIZER_COPIES.get(optimizer, 2)
-    fixed = max(0, p1 - baseline - per_image * b1) + state
-    return MemoryEstimate(per_image, fixed, free() + max(0, now() - baseline))
+
+        return cpu[0], cpu[1], rss, available
+    return None
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """Wait for the device's queued work, so a clock read after it times the work itself."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
 
 
 def gib(n: float) -> str:

@@ -165,3 +165,73 @@ def test_adam_is_fused_on_the_cpu_and_steps_like_torchs_plain_loop():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     trained = [(a, b) for a, b in zip(models[0].parameters(), start, strict=True) if a.grad is not None]
     assert len(trained) >= 4 and all(not torch.equal(a, b) for a, b in trained)  # the scores' layers moved
+
+
+class _Warnings(QuietReporter):
+    def __init__(self):
+        self.lines = []
+
+    def warn(self, message):
+        self.lines.append(message)
+
+
+def test_an_epoch_longer_than_the_limit_is_announced_with_its_estimate_and_the_ways_to_shorten_it(
+        tmp_path, monkeypatch):
+    import capsx.engine as engine
+
+    recipe = recipe_from_dict(tiny_recipe(), "t")
+    quiet = _Warnings()
+    fit(recipe, Run(resolve_device("cpu"), tmp_path, tmp_path, _NoTracking(), quiet))
+    assert quiet.lines == []  # a tiny epoch takes seconds: nothing to say
+    monkeypatch.setattr(engine, "LONG_EPOCH_SECONDS", 0.0)  # every epoch is "long"
+    told = _Warnings()
+    result = fit(recipe, Run(resolve_device("cpu"), tmp_path / "b", tmp_path / "b", _NoTracking(), told))
+    assert len(told.lines) == 1 and result.state.epoch == recipe.train.epochs  # said once; training went on
+    steps = math.ceil(recipe.data.train_size / recipe.data.batch_size)
+    assert f"one epoch is {steps:,} steps of batch {recipe.data.batch_size} and will take about" in told.lines[0]
+    assert "data.subset=N" in told.lines[0] and "a GPU (device: cuda)" in told.lines[0]
+
+
+def test_long_epoch_advice_offers_bf16_only_where_it_helps():
+    from capsx.device import cpu_has_bf16_units
+    from capsx.engine import long_epoch_advice
+
+    cpu = long_epoch_advice(540_000, 468_750, 128, torch.device("cpu"), "fp32")
+    assert "468,750 steps of batch 128 and will take about 150 h on this cpu" in cpu
+    assert ("train.precision=bf16" in cpu) == bool(cpu_has_bf16_units())
+    assert "train.precision=bf16" not in long_epoch_advice(9000, 10, 8, torch.device("cpu"), "bf16")
+    gpu = long_epoch_advice(9000, 10, 8, torch.device("cuda"), "fp32")
+    assert "about 2.5 h on this cuda" in gpu and "train.precision=bf16" in gpu and "a GPU" not in gpu
+
+
+def test_the_probe_time_scales_by_images():
+    from capsx.memory import PROBE_BATCHES, Probe
+
+    per_image = 0.01
+    probe = Probe(None, (0.5, per_image * PROBE_BATCHES[1]))
+    assert probe.step_seconds(128) == pytest.approx(1.28)
+
+
+def test_bf16_on_a_cpu_without_bf16_units_says_it_is_likely_slower(tmp_path):
+    from capsx.device import cpu_has_bf16_units
+
+    told = _Warnings()
+    fit(recipe_from_dict(tiny_recipe(), "t", ["train.precision=bf16"]),
+        Run(resolve_device("cpu"), tmp_path, tmp_path, _NoTracking(), told))
+    said = [line for line in told.lines if "bf16 units" in line]
+    assert len(said) == (1 if cpu_has_bf16_units() is False else 0)
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    ("processor : 0\nflags : fpu sse2 avx2 fma\n", False),  # AVX2 only
+    ("flags : fpu avx2 avx512f avx512bw\n", False),  # AVX-512 without its bf16 extension
+    ("flags : fpu avx2 avx512f avx512_bf16\n", True),
+    ("flags : fpu avx2 amx_tile amx_bf16\n", True),
+    ("Features : fp asimd sve bf16 i8mm\n", True),  # Arm
+    ("Features : fp asimd\n", False),
+    ("", None),  # nothing to tell from
+])
+def test_bf16_units_from_cpuinfo(cpuinfo, expected):
+    from capsx.device import cpu_has_bf16_units
+
+    assert cpu_has_bf16_units(cpuinfo) is expected

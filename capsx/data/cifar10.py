@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-import torchvision
 
 from capsx.data.config import DataConfig, register_dataset
 from capsx.data.files import reading, require_files
@@ -19,16 +19,22 @@ FOLDER = "cifar-10-batches-py"
 FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 
 
-class CIFAR10Files(torchvision.datasets.CIFAR10):
+@functools.cache
+def cifar10_files() -> type:
     """torchvision's reader, checking that the batches exist rather than their MD5s: the checksums
     accept only the published files byte for byte, so a re-pickled copy (or a test's tiny one)
-    would be refused with "not found or corrupted". A truncated pickle still fails to load."""
+    would be refused with "not found or corrupted". A truncated pickle still fails to load.
+    Built on first use: importing torchvision takes 1.4 s that a command without CIFAR-10 never pays."""
+    import torchvision
 
-    meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+    class CIFAR10Files(torchvision.datasets.CIFAR10):
+        meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
 
-    def _check_integrity(self) -> bool:
-        return all((Path(self.root) / self.base_folder / name).is_file()
-                   for name, _ in self.train_list + self.test_list)
+        def _check_integrity(self) -> bool:
+            return all((Path(self.root) / self.base_folder / name).is_file()
+                       for name, _ in self.train_list + self.test_list)
+
+    return CIFAR10Files
 
 
 @register_dataset
@@ -51,7 +57,7 @@ class CIFAR10Config(DataConfig):
         splits = []
         for train in (True, False):
             with reading("CIFAR-10", folder):
-                ds = CIFAR10Files(str(root), train=train, download=self.download)
+                ds = cifar10_files()(str(root), train=train, download=self.download)
                 images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
                 labels = torch.tensor(ds.targets, dtype=torch.long)
             if ds.classes != self.classes:

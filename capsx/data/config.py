@@ -8,7 +8,7 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from capsx.data.files import canonical_root
-from capsx.data.imageset import DataSplits, ImageSet
+from capsx.data.imageset import DataSplits, Examples, ImageSet
 from capsx.data.transforms import center_crop
 from capsx.errors import DataError
 from capsx.registry import Registry
@@ -61,6 +61,11 @@ class DataConfig(Section):
     def load(self, root: Path) -> DataSplits:
         raise NotImplementedError  # every registered subclass overrides it
 
+    def load_test(self, root: Path) -> Examples:
+        """The test split alone, for commands that only look at test images (the picture commands,
+        eval): `load(root).test` unless a data set can read it without its train split."""
+        return self.load(root).test
+
     def load_splits(self, root: Path) -> DataSplits:
         """`load`, then the subsets the recipe asks for, then the test split's central crop
         (done once here, so evaluation and every picture command see what the model was built for).
@@ -68,15 +73,23 @@ class DataConfig(Section):
         splits = self.load(canonical_root(root))
         if self.subset is not None:
             splits.train = splits.train.subset(self.subset)
+        splits.test = self._prepared_test(splits.test)
+        return splits
+
+    def load_test_split(self, root: Path) -> Examples:
+        """The test split exactly as `load_splits(root).test` gives it, without reading the train split
+        where the data set allows (`load_test`)."""
+        return self._prepared_test(self.load_test(canonical_root(root)))
+
+    def _prepared_test(self, test: Examples) -> Examples:
         if self.test_subset is not None:
-            splits.test = splits.test.subset(self.test_subset)
+            test = test.subset(self.test_subset)
         if self.augment.crop is not None:
-            t = splits.test
-            if not isinstance(t, ImageSet):
+            if not isinstance(test, ImageSet):
                 raise DataError(f"data.augment.crop: not available for {self.name!r} (it generates its examples); "
                                 "remove it")
-            splits.test = ImageSet(center_crop(t.images, self.augment.crop), t.labels, t.extras)
-        return splits
+            test = ImageSet(center_crop(test.images, self.augment.crop), test.labels, test.extras)
+        return test
 
 
 DATASETS: Registry[type[DataConfig]] = Registry("data set")

@@ -13,13 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import torchvision
-from torchvision.datasets.utils import extract_archive
-
 from capsx.data.config import DataConfig, register_dataset
 from capsx.data.files import require_files
-from capsx.data.imageset import DataSplits
-from capsx.data.mnist import MNIST_FILES, read_idx_splits
+from capsx.data.imageset import DataSplits, Examples
+from capsx.data.mnist import MNIST_FILES, read_idx_splits, read_idx_test
 from capsx.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
@@ -38,6 +35,8 @@ def unpack_gz_files(root: Path, gz_dirs: list[Path]) -> None:
             continue
         try:
             raw.mkdir(parents=True, exist_ok=True)
+            from torchvision.datasets.utils import extract_archive
+
             extract_archive(str(gz), str(raw))  # -> raw/<name>
         except (OSError, EOFError) as e:  # unwritable root, truncated or not-gzip .gz
             raise DataError(f"Fashion-MNIST: could not unpack {gz} into {raw}: {e} "
@@ -59,10 +58,17 @@ class FashionMNISTConfig(DataConfig):
     needs_root: ClassVar[bool] = True
 
     def load(self, root: Path) -> DataSplits:
+        self._require(root, MNIST_FILES)
+        return read_idx_splits("FashionMNIST", root, self.download, self.classes)
+
+    def load_test(self, root: Path) -> Examples:
+        self._require(root, MNIST_FILES[2:])
+        return read_idx_test("FashionMNIST", root, self.download)
+
+    def _require(self, root: Path, names: list[str]) -> None:
         raw = raw_folder(root)
         unpack_gz_files(root, [raw, DEBIAN_DIR])
         if not self.download:
-            require_files("Fashion-MNIST", raw, MNIST_FILES, holder="FashionMNIST/",
+            require_files("Fashion-MNIST", raw, names, holder="FashionMNIST/",
                           how_to_get=f"apt-get install dataset-fashion-mnist (its .gz files in {DEBIAN_DIR} are "
                                      f"unpacked into {raw}), or add --set data.download=true to fetch it")
-        return read_idx_splits(torchvision.datasets.FashionMNIST, root, self.download, self.classes)

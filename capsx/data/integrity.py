@@ -15,29 +15,11 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from capsx.data.cache import cache_dir, files_key
 from capsx.data.files import canonical_root
 from capsx.errors import DataError
 
 CACHE_FILE = "split_check.json"
-
-
-def cache_dir() -> Path:
-    """$CAPSX_CACHE, else $XDG_CACHE_HOME/capsx, else ~/.cache/capsx (never the data folder,
-    which may be shared and read-only)."""
-    explicit = os.environ.get("CAPSX_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "capsx"
-
-
-def files_key(name: str, files: list[Path]) -> str:
-    """Changes when any file is replaced, rewritten or moved; `files` are canonical paths."""
-    parts = [name]
-    for f in files:
-        st = f.stat()
-        parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def image_hashes(images: Tensor) -> list[bytes]:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-import torchvision
 from pydantic import Field, model_validator
 
+from capsx.data.cache import cached_split, store_split
 from capsx.data.config import DataConfig, register_dataset
 from capsx.data.files import reading, require_files
-from capsx.data.imageset import DataSplits, ImageSet
+from capsx.data.imageset import DataSplits, Examples, ImageSet
 from capsx.data.integrity import check_disjoint
 from capsx.data.transforms import centre_on_canvas, random_shift
 from capsx.errors import DataError
@@ -79,6 +79,10 @@ class MNISTConfig(DataConfig):
             splits.test = ImageSet(self.place(test.images), test.labels)
         return splits
 
+    def load_test(self, root: Path) -> Examples:
+        test = read_mnist_test(root, self.download)
+        return test if self.canvas is None else ImageSet(self.place(test.images), test.labels)
+
     def place(self, images: torch.Tensor) -> torch.Tensor:
         """28x28 digits at seeded random places on the canvas (deterministic for `placement_seed`)."""
         assert self.canvas is not None
@@ -90,25 +94,47 @@ def read_mnist(root: Path, download: bool = False) -> DataSplits:
     """Both MNIST splits from `<root>/MNIST/raw/` (also the source of the data sets built from MNIST)."""
     if not download:
         require_files("MNIST", root / "MNIST" / "raw", MNIST_FILES, holder="MNIST/")
-    return read_idx_splits(torchvision.datasets.MNIST, root, download, MNISTConfig.classes)
+    return read_idx_splits("MNIST", root, download, MNISTConfig.classes)
 
 
-def read_idx_splits(dataset: type[torchvision.datasets.MNIST], root: Path, download: bool,
-                    classes: list[str]) -> DataSplits:
-    """Both splits of an MNIST-format data set (IDX files in root/<ClassName>/raw/), by torchvision's reader,
-    checked disjoint (no test image also in the train split)."""
+def read_mnist_test(root: Path, download: bool = False) -> ImageSet:
+    """MNIST's test split alone (`read_idx_test`)."""
+    if not download:
+        require_files("MNIST", root / "MNIST" / "raw", MNIST_FILES[2:], holder="MNIST/")
+    return read_idx_test("MNIST", root, download)
+
+
+def read_idx_splits(dataset: str, root: Path, download: bool, classes: list[str]) -> DataSplits:
+    """Both splits of an MNIST-format data set (IDX files in root/<dataset>/raw/, `dataset` the name of
+    torchvision's reader class) by torchvision's reader, checked disjoint (no test image also in the train
+    split); the test split is kept in the cache for `read_idx_test`."""
     train = _read_split(dataset, root, train=True, download=download)
     test = _read_split(dataset, root, train=False, download=download)
-    raw = root / dataset.__name__ / "raw"
-    check_disjoint(dataset.__name__, [raw / f for f in MNIST_FILES], train.images, test.images)
+    raw = root / dataset / "raw"
+    check_disjoint(dataset, [raw / f for f in MNIST_FILES], train.images, test.images)
+    store_split(f"{dataset} t10k", _test_files(raw), test)
     return DataSplits(train=train, test=test, classes=classes)
 
 
-def _read_split(dataset: type[torchvision.datasets.MNIST], root: Path, train: bool, download: bool) -> ImageSet:
-    raw = root / dataset.__name__ / "raw"
-    with reading(f"{dataset.__name__} {'train' if train else 't10k'}", raw):
-        ds = dataset(str(root), train=train, download=download)
+def read_idx_test(dataset: str, root: Path, download: bool) -> ImageSet:
+    """The test split alone: from the cache while its two files are unchanged (neither the train split
+    nor torchvision is loaded), else by torchvision's reader."""
+    raw = root / dataset / "raw"
+    return cached_split(f"{dataset} t10k", _test_files(raw),
+                        lambda: _read_split(dataset, root, train=False, download=download))
+
+
+def _test_files(raw: Path) -> list[Path]:
+    return [(raw / f).resolve() for f in MNIST_FILES[2:]]
+
+
+def _read_split(dataset: str, root: Path, train: bool, download: bool) -> ImageSet:
+    import torchvision  # here, not at the top: 1.4 s that a command reading the cache never pays
+
+    raw = root / dataset / "raw"
+    with reading(f"{dataset} {'train' if train else 't10k'}", raw):
+        ds = getattr(torchvision.datasets, dataset)(str(root), train=train, download=download)
     if ds.data.dim() != 3 or len(ds.data) != len(ds.targets):
-        raise DataError(f"{dataset.__name__} files in {raw}: {len(ds.data)} images but "
+        raise DataError(f"{dataset} files in {raw}: {len(ds.data)} images but "
                         f"{len(ds.targets)} labels; expected the same number")
     return ImageSet(images=ds.data.unsqueeze(1).contiguous(), labels=ds.targets.long())

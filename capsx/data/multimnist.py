@@ -28,8 +28,8 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from capsx.data.config import DataConfig, register_dataset
-from capsx.data.imageset import DataSplits, ImageSet
-from capsx.data.mnist import MNISTConfig, read_mnist
+from capsx.data.imageset import DataSplits, Examples, ImageSet
+from capsx.data.mnist import MNISTConfig, read_mnist, read_mnist_test
 from capsx.errors import DataError
 
 DIGIT = 28  # MNIST's frame
@@ -224,6 +224,11 @@ class MultiMNISTConfig(DataConfig):
             raise ValueError(f"augment.shift: expected 0, got {self.augment.shift}: max_shift already moves "
                              "each digit, and shifting the merged image would leave the digits' own images behind")
         return self
+
+    def load_test(self, root: Path) -> Examples:
+        test = read_mnist_test(root, self.download)
+        return PairSet(test.images, test.labels, len(test) * self.test_pairs_per_digit, _key(self.seed, 1),
+                       self.canvas, self.pad, self.max_shift)
 
     def load(self, root: Path) -> DataSplits:
         mnist = read_mnist(root, self.download)

@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import Tensor
 
 from capsx.data.config import DataConfig, register_dataset
-from capsx.data.imageset import DataSplits, ImageSet
+from capsx.data.imageset import DataSplits, Examples, ImageSet
 
 SIZE = 28
 BASE_RADIUS = 9.0  # pixels from the centre to the shape's unit circle at scale 1
@@ -103,6 +103,9 @@ class ShapesConfig(DataConfig):
 
     image_shape: ClassVar[tuple[int, int, int]] = (1, SIZE, SIZE)
     classes: ClassVar[list[str]] = SHAPE_NAMES
+
+    def load_test(self, root: Path) -> Examples:
+        return draw_shapes(self.test_size, 2 * self.seed + 1, self.min_scale, self.max_scale)
 
     def load(self, root: Path) -> DataSplits:
         return DataSplits(

@@ -5,11 +5,11 @@ only, so the 531,131 'extra' images are not read. torchvision maps SVHN's label 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-import torchvision
 
 from capsx.data.config import DataConfig, register_dataset
 from capsx.data.files import reading, require_files
@@ -20,12 +20,17 @@ FOLDER = "svhn"
 FILES = ["train_32x32.mat", "test_32x32.mat"]
 
 
-class SVHNFiles(torchvision.datasets.SVHN):
+@functools.cache
+def svhn_files() -> type:
     """torchvision's reader, checking that the .mat file exists rather than its MD5 (which accepts only
-    the published file byte for byte). Its download still verifies the MD5."""
+    the published file byte for byte). Its download still verifies the MD5. Built on first use."""
+    import torchvision
 
-    def _check_integrity(self) -> bool:
-        return (Path(self.root) / self.filename).is_file()
+    class SVHNFiles(torchvision.datasets.SVHN):
+        def _check_integrity(self) -> bool:
+            return (Path(self.root) / self.filename).is_file()
+
+    return SVHNFiles
 
 
 @register_dataset
@@ -47,7 +52,7 @@ class SVHNConfig(DataConfig):
         splits = []
         for split in ("train", "test"):
             with reading(f"SVHN {split}", folder):
-                ds = SVHNFiles(str(folder), split=split, download=self.download)
+                ds = svhn_files()(str(folder), split=split, download=self.download)
                 images = torch.from_numpy(ds.data).contiguous()  # (N, 3, 32, 32): torchvision transposed X
                 labels = torch.from_numpy(ds.labels).long().reshape(-1)
             if images.dtype != torch.uint8 or images.shape[1:] != (3, 32, 32) or len(labels) != len(images):

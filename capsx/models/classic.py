@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Annotated, Literal
 
 import torch
-import torchvision
 from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -165,6 +164,8 @@ class AlexNetSmallConfig(ModelConfig):
     dropout: Dropout = 0.5
 
     def build(self, input_shape: tuple[int, int, int], num_classes: int, objects: int = 1) -> nn.Module:
+        import torchvision  # on first use: 1.4 s that a CapsNet command never pays
+
         net = torchvision.models.alexnet(weights=None, num_classes=num_classes, dropout=self.dropout)
         net.features[0] = _conv_like(net.features[0], input_shape[0], _pytorch_default,
                                      kernel_size=5, stride=1, padding=2)
@@ -189,6 +190,8 @@ class _VGGConfig(ModelConfig):
 
     def build(self, input_shape: tuple[int, int, int], num_classes: int, objects: int = 1) -> nn.Module:
         # the registry name is torchvision's builder's name
+        import torchvision  # on first use: 1.4 s that a CapsNet command never pays
+
         builder: Callable[..., torchvision.models.VGG] = getattr(torchvision.models, self.name)
         C, H, W = input_shape
         net = builder(weights=None, num_classes=num_classes, dropout=self.dropout)
@@ -232,6 +235,8 @@ class _ResNetConfig(ModelConfig):
 
     def build(self, input_shape: tuple[int, int, int], num_classes: int, objects: int = 1) -> nn.Module:
         # the registry name is torchvision's builder's name
+        import torchvision  # on first use: 1.4 s that a CapsNet command never pays
+
         builder: Callable[..., torchvision.models.ResNet] = getattr(torchvision.models, self.name)
         net = builder(weights=None, num_classes=num_classes)
         _adapt_stem(net, "conv1", net, "maxpool", input_shape[0], self.stem, _kaiming("fan_out"))
@@ -268,6 +273,8 @@ class DenseNet121Config(ModelConfig):
     drop_rate: Dropout = 0.0  # dropout after each dense layer (torchvision's default: none)
 
     def build(self, input_shape: tuple[int, int, int], num_classes: int, objects: int = 1) -> nn.Module:
+        import torchvision  # on first use: 1.4 s that a CapsNet command never pays
+
         net = torchvision.models.densenet121(weights=None, num_classes=num_classes, drop_rate=self.drop_rate)
         _adapt_stem(net.features, "conv0", net.features, "pool0", input_shape[0], self.stem, _kaiming("fan_in"))
         check_input_fits(net, input_shape, self.name, _STEM_ADVICE)
@@ -289,6 +296,8 @@ class GoogLeNetConfig(ModelConfig):
     dropout: Dropout = 0.2
 
     def build(self, input_shape: tuple[int, int, int], num_classes: int, objects: int = 1) -> nn.Module:
+        import torchvision  # on first use: 1.4 s that a CapsNet command never pays
+
         net = torchvision.models.googlenet(weights=None, num_classes=num_classes, aux_logits=False,
                                            transform_input=False, init_weights=True, dropout=self.dropout)
         # conv1 is conv + batch norm + ReLU: its conv is the one to adapt
