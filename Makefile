@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench ui lint clean
+.PHONY: install train test bench gpu-check ui lint clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ test: install  ## the whole suite, then its numerics-sensitive tests under a low
 
 bench: install  ## the paper's CapsNet: capsx against the plain reference, train and inference images/s
 	$(BIN)/capsx bench recipes/mnist-capsnet.yaml
+
+gpu-check: install  ## on a CUDA machine: GPU tests, step times, memory, NCCL, resume, bench, pictures (<= 5 min)
+	$(BIN)/python scripts/gpu_check.py
 
 ui: install  ## MLflow UI on 127.0.0.1:5000 over runs/mlflow.db
 	$(BIN)/capsx ui

@@ -4,6 +4,10 @@ The machine is noisy (the same run can differ 2x from one minute to the
 next), so the two paths alternate, round after round, on the same weights and
 inputs; we report medians and the median of the per-round ratios. Achieved
 GFLOP/s is set against a large matrix product's rate measured in the same run.
+
+On CUDA (`device`), the models, inputs and the matrix product run there, every
+clock read waits for the device (kernels are asynchronous), and peak memory is
+the allocator's peak (max_memory_allocated), not the process's RSS.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from capsx.device import autocast
+from capsx.device import autocast, describe_device
 from capsx.errors import CapsxError
 from capsx.models.capsnet import CapsNet
 from capsx.models.reference import ReferenceCapsNet
@@ -30,7 +34,8 @@ from capsx.recipe import Recipe
 class PathResult:
     train: list[float] = field(default_factory=list)  # images/s per round
     infer: list[float] = field(default_factory=list)
-    infer_peak_bytes: int | None = None
+    infer_peak_bytes: int | None = None  # the process's RSS on the CPU; None on a GPU
+    infer_peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated on CUDA; None elsewhere
 
     @property
     def train_median(self) -> float:
@@ -54,6 +59,8 @@ class BenchResult:
     fast: PathResult
     reference: PathResult
     compile_seconds: float | None = None  # torch.compile's first training + inference call (--compile)
+    device: str = "cpu"  # describe_device's words
+    matmul_peak_note: str = ""  # the product's dtype and, on CUDA, whether TF32 was allowed
 
     def ratio(self, kind: str) -> float:
         fast, ref = getattr(self.fast, kind), getattr(self.reference, kind)
@@ -74,33 +81,59 @@ class BenchResult:
             return None if b is None else round(b / 2**20, 1)
 
         return {
+            "device": self.device,
             "batch": self.batch, "infer_batch": self.infer_batch, "precision": self.precision, "rounds": self.rounds,
             "train_images_per_s": round(self.fast.train_median, 2),
             "infer_images_per_s": round(self.fast.infer_median, 2),
             "peak_rss_mb": mb(self.fast.infer_peak_bytes),
+            "peak_gpu_mb": mb(self.fast.infer_peak_gpu_bytes),
             "gflops_achieved": round(self.gflops_achieved, 1),
             "matmul_peak_gflops": round(self.matmul_peak_gflops, 1),
+            "matmul_peak_note": self.matmul_peak_note,
             "percent_of_matmul_peak": round(100 * self.gflops_achieved / self.matmul_peak_gflops, 1),
             "gflops_computed": round(self.gflops_computed, 1),
             "reference_train_images_per_s": round(self.reference.train_median, 2),
             "reference_infer_images_per_s": round(self.reference.infer_median, 2),
             "reference_peak_rss_mb": mb(self.reference.infer_peak_bytes),
+            "reference_peak_gpu_mb": mb(self.reference.infer_peak_gpu_bytes),
             "train_speedup": round(self.ratio("train"), 2),
             "infer_speedup": round(self.ratio("infer"), 2),
             "compile_seconds": None if self.compile_seconds is None else round(self.compile_seconds, 1),
         }
 
 
-def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    """The best rate of an n x n matrix product, the machine's practical ceiling."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels: a clock read before them would time their launch only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5,
+                       device: torch.device = torch.device("cpu")) -> float:
+    """The best rate of an n x n matrix product on `device`, the machine's practical ceiling (fp32 on CUDA:
+    TF32 or not as torch.backends.cuda.matmul.allow_tf32 says; torch's default is not)."""
+    if device.type == "cuda":
+        n = max(n, 8192)  # 2048 is over in microseconds on a GPU: the launch would dominate
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         t = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def matmul_note(dtype: torch.dtype, device: torch.device) -> str:
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if device.type == "cuda" and dtype == torch.float32:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        return f"{name} matmul on {device.type}, TF32 {'on' if tf32 else 'off'} (torch.backends.cuda.matmul)"
+    return f"{name} matmul on {device.type}"
 
 
 def _flops(fn: Callable[[], object]) -> float:
@@ -112,23 +145,38 @@ def _flops(fn: Callable[[], object]) -> float:
 def _train_rate(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.Tensor, steps: int,
                 precision: str) -> float:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(x.device.type, enabled=precision == "fp16")  # as the engine trains fp16
     model.train()
+    synchronize(x.device)
     t = time.perf_counter()
     for _ in range(steps):
         with autocast(x.device, precision):
             terms = criterion(model(x, y), x, y)
         opt.zero_grad(set_to_none=True)
-        terms.total.backward()
-        opt.step()
+        scaler.scale(terms.total).backward()
+        scaler.step(opt)
+        scaler.update()
+    synchronize(x.device)
     return steps * len(x) / (time.perf_counter() - t)
 
 
 def _infer_rate(model: nn.Module, x: torch.Tensor, precision: str) -> float:
     model.eval()
+    synchronize(x.device)
     t = time.perf_counter()
     with torch.inference_mode(), autocast(x.device, precision):
         model(x)
+    synchronize(x.device)
     return len(x) / (time.perf_counter() - t)
+
+
+def _peak_gpu(fn: Callable[[], object], device: torch.device) -> int:
+    """The allocator's peak bytes on `device` while `fn` runs (what the tensors need, not the cache's)."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
 
 
 def _peak_rss(fn: Callable[[], object]) -> int | None:
@@ -150,10 +198,13 @@ def _peak_rss(fn: Callable[[], object]) -> int | None:
 
 
 def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, steps: int, precision: str,
-              compile: bool = False, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
+              compile: bool = False, device: torch.device = torch.device("cpu"),
+              progress: Callable[[str], None] = lambda s: None) -> BenchResult:
     if recipe.model.name != "capsnet":
         raise CapsxError(f"capsx bench compares CapsNet paths; recipe model is {recipe.model.name!r}")
-    torch.manual_seed(0)  # on the CPU: the reference and the memory readings are CPU measurements
+    if precision == "fp16" and device.type != "cuda":
+        raise CapsxError(f"--precision fp16 needs --device cuda (got {device.type}); use bf16 or fp32")
+    torch.manual_seed(0)  # weights and inputs are drawn on the CPU, the same whatever the device
     shape, classes = recipe.data.input_shape, len(recipe.data.classes)
     fast = recipe.model.build(shape, classes)
     assert isinstance(fast, CapsNet)
@@ -165,23 +216,30 @@ def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, step
     x, y = torch.rand(batch, *shape), torch.randint(classes, (batch,))
     xi = torch.rand(infer_batch, *shape)
 
-    # FLOPs of the architecture as the paper computes it (direct convolutions), counted on the reference:
-    # the fast path's frequency-domain PrimaryCaps does fewer multiply-adds for the same layer, and its
-    # GFLOP/s is the rate at which it delivers the direct computation's work (an effective rate).
+    # FLOPs of the architecture as the paper computes it (direct convolutions), counted on the reference on
+    # the CPU (the same architecture everywhere): the fast path's frequency-domain PrimaryCaps (CPU only)
+    # does fewer multiply-adds for the same layer, and its GFLOP/s is the rate at which it delivers the
+    # direct computation's work (an effective rate).
     def train_step() -> None:
         criterion(ref(x[:1], y[:1]), x[:1], y[:1]).total.backward()
 
-    def fast_train_step() -> None:  # at the full batch: the kernel's transform is paid once per step
+    train_flops = _flops(train_step)
+    infer_flops = _flops(lambda: ref.eval()(x[:1]))
+    ref.zero_grad(set_to_none=True)
+    fast.to(device)
+    ref.to(device)
+    x, y, xi = x.to(device), y.to(device), xi.to(device)
+
+    def fast_train_step() -> None:  # at the full batch, on the device: which algorithm runs depends on both
         criterion(fast(x, y), x, y).total.backward()
 
-    train_flops = _flops(train_step)
     computed_flops = _flops(fast_train_step) / batch  # the same algorithm as under bf16 autocast
-    ref.zero_grad(set_to_none=True)
     fast.zero_grad(set_to_none=True)
-    infer_flops = _flops(lambda: ref.eval()(x[:1]))
-    peak = matmul_peak_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    peak = matmul_peak_gflops(dtype, device=device)
     result = BenchResult(batch, infer_batch, precision, rounds, train_flops, infer_flops, computed_flops, peak,
-                         PathResult(), PathResult())
+                         PathResult(), PathResult(), device=describe_device(device),
+                         matmul_peak_note=matmul_note(dtype, device))
     timed: nn.Module = fast
     if compile:
         timed = torch.compile(fast)  # type: ignore[assignment]
@@ -191,6 +249,8 @@ def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, step
         result.compile_seconds = time.perf_counter() - t
     for model in (timed, ref):  # warm-up: first calls allocate and pick kernels
         _train_rate(model, criterion, x, y, 1, precision)
+        if device.type != "cpu":
+            _infer_rate(model, xi, precision)
     for r in range(rounds):
         for name, model, res in (("capsx", timed, result.fast), ("reference", ref, result.reference)):
             res.train.append(_train_rate(model, criterion, x, y, steps, precision))
@@ -201,5 +261,8 @@ def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, step
         def infer_once(m: nn.Module = model) -> None:
             _infer_rate(m, xi, precision)
 
-        res.infer_peak_bytes = _peak_rss(infer_once)
+        if device.type == "cuda":
+            res.infer_peak_gpu_bytes = _peak_gpu(infer_once, device)
+        elif device.type == "cpu":
+            res.infer_peak_bytes = _peak_rss(infer_once)
     return result

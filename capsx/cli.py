@@ -329,7 +329,10 @@ def bench(
     infer_batch: Annotated[int, typer.Option("--infer-batch", help="Inference batch.")] = 1000,
     rounds: Annotated[int, typer.Option("--rounds", help="Alternating rounds of both paths.")] = 5,
     steps: Annotated[int, typer.Option("--steps", help="Training steps per round and path.")] = 3,
-    precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (autocast).")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast; fp16 on CUDA "
+                                                              "only, with a GradScaler).")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps (default cpu: the figures in "
+                                                         "the README are CPU ones).")] = "cpu",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile capsx's model first "
                                                            "(the compile time is reported apart).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
@@ -338,7 +341,7 @@ def bench(
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Train and inference images/s of capsx's CapsNet against the plain reference (the public code's style),
-    with achieved GFLOP/s, % of a matrix-product peak and peak memory."""
+    with achieved GFLOP/s, % of a matrix-product peak and peak memory (RSS on the CPU, allocated on CUDA)."""
     import json
     import platform
 
@@ -346,25 +349,30 @@ def bench(
 
     from capsx.bench import run_bench
     from capsx.console import console, err_console, key_value_table
+    from capsx.device import resolve_device
     from capsx.recipe import load_recipe
     from capsx.tracking import Tracker, resolve_tracking_uri
 
-    if precision not in ("fp32", "bf16"):
-        raise CapsxError(f"--precision {precision!r}: expected fp32 or bf16")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise CapsxError(f"--precision {precision!r}: expected fp32, bf16 or fp16")
+    if device not in ("auto", "cpu", "cuda", "mps"):
+        raise CapsxError(f"--device {device!r}: expected auto, cpu, cuda or mps")
     if min(batch, infer_batch, rounds, steps) < 1:
         raise CapsxError("--batch, --infer-batch, --rounds and --steps: expected values >= 1")
+    dev = resolve_device(device)
+    if precision == "fp16" and dev.type != "cuda":
+        raise CapsxError(f"--precision fp16 needs --device cuda (this run is on {dev.type}); use bf16 or fp32")
     r = load_recipe(recipe)
     say = (lambda m: err_console.print(m, style="dim")) if as_json else (lambda m: console.print(m, style="dim"))
     res = run_bench(r, batch=batch, infer_batch=infer_batch, rounds=rounds, steps=steps, precision=precision,
-                    compile=compile_, progress=say)
+                    compile=compile_, device=dev, progress=say)
     out = res.as_json()
     if as_json:
         typer.echo(json.dumps(out))
     else:
         from rich.table import Table
 
-        t = Table(title=f"{r.name}: {r.model.name}, {precision}, {torch.get_num_threads()} threads "
-                        f"({torch.backends.cpu.get_cpu_capability()}), medians of {rounds} rounds",
+        t = Table(title=f"{r.name}: {r.model.name}, {precision}, {out['device']}, medians of {rounds} rounds",
                   title_justify="left")
         for col in ("", "capsx", "reference", "capsx / reference"):
             t.add_column(col, justify="right" if col else "left")
@@ -375,14 +383,17 @@ def bench(
                   f"{out['reference_train_images_per_s']:.1f}", f"{out['train_speedup']:.2f}x")
         t.add_row(f"inference images/s (batch {infer_batch})", f"{out['infer_images_per_s']:.1f}",
                   f"{out['reference_infer_images_per_s']:.1f}", f"{out['infer_speedup']:.2f}x")
-        t.add_row(f"peak memory, inference (batch {infer_batch})", mb(out["peak_rss_mb"]),
-                  mb(out["reference_peak_rss_mb"]), "")
+        gpu = dev.type == "cuda"
+        t.add_row(f"peak {'GPU memory (allocated)' if gpu else 'memory (RSS)'}, inference (batch {infer_batch})",
+                  mb(out["peak_gpu_mb" if gpu else "peak_rss_mb"]),
+                  mb(out["reference_peak_gpu_mb" if gpu else "reference_peak_rss_mb"]), "")
         console.print(t)
         console.print(key_value_table("compute", [
             ("training cost (direct convolutions)", f"{res.train_flops_per_image / 1e9:.2f} GFLOP per image"),
             ("achieved (capsx, training)", f"{out['gflops_achieved']:.0f} GFLOP/s effective: the direct "
                                            "computation's FLOPs per second"),
-            ("matrix-product peak (same run)", f"{out['matmul_peak_gflops']:.0f} GFLOP/s"),
+            ("matrix-product peak (same run)", f"{out['matmul_peak_gflops']:.0f} GFLOP/s "
+                                               f"({out['matmul_peak_note']})"),
             ("share of the peak", f"{out['percent_of_matmul_peak']:.0f}%"),
             ("arithmetic capsx performs", f"{res.train_flops_computed_per_image / 1e9:.2f} GFLOP per image, "
                                           f"{out['gflops_computed']:.0f} GFLOP/s"),
@@ -393,7 +404,7 @@ def bench(
         tracker = Tracker.start(uri, "bench", tags={"capsx.recipe": r.name, "capsx.host": platform.node(),
                                                    "capsx.torch": torch.__version__})
         tracker.log_params({"batch": batch, "infer_batch": infer_batch, "precision": precision, "rounds": rounds,
-                            "threads": torch.get_num_threads(), "compile": compile_})
+                            "threads": torch.get_num_threads(), "compile": compile_, "device": out["device"]})
         tracker.log_metrics({k: float(v) for k, v in out.items() if isinstance(v, int | float)}, step=0)
         tracker.end()
 

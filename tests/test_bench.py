@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from capsx.cli import app
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_recipe
 
 
 def test_bench_json_has_the_promised_keys_and_logs_to_mlflow(workdir):
@@ -28,3 +31,32 @@ def test_bench_json_has_the_promised_keys_and_logs_to_mlflow(workdir):
 def test_bench_refuses_a_cnn_recipe(workdir):
     res = CliRunner().invoke(app, ["bench", str(REPO / "recipes" / "mnist-cnn.yaml"), "--no-track"])
     assert res.exit_code == 2 and "compares CapsNet paths" in res.output
+
+
+def _tiny_capsnet_recipe(workdir) -> str:
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe()))
+    return str(path)
+
+
+def test_bench_runs_on_the_cpu_unless_told_otherwise(workdir):
+    res = CliRunner().invoke(app, ["bench", _tiny_capsnet_recipe(workdir), "--rounds", "1", "--steps", "1",
+                                   "--batch", "4", "--infer-batch", "4", "--json", "--no-track"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["device"].startswith("cpu (") and out["peak_gpu_mb"] is None
+    assert out["matmul_peak_note"] == "fp32 matmul on cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_on_cuda_without_cuda_is_one_error_line(workdir):
+    res = CliRunner().invoke(app, ["bench", _tiny_capsnet_recipe(workdir), "--device", "cuda", "--no-track"])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == ["error: device 'cuda' is not available here; available: cpu "
+                                               "(or use device: auto)"]
+
+
+def test_bench_fp16_needs_cuda(workdir):
+    res = CliRunner().invoke(app, ["bench", _tiny_capsnet_recipe(workdir), "--precision", "fp16", "--no-track"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+    assert "fp16 needs --device cuda" in res.output

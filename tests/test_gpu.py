@@ -1,0 +1,148 @@
+"""On CUDA: the same weights give the CPU's outputs, a training step works in fp32, bf16 and fp16, and
+`capsx train` then `--resume` run there. Skipped (with the reason) where torch sees no GPU; `make gpu-check`
+runs them as `pytest -m gpu`."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from torch import nn
+from typer.testing import CliRunner
+
+from capsx.checkpoint import load_checkpoint
+from capsx.cli import app
+from capsx.device import autocast
+from capsx.models import build_model
+from capsx.recipe import Recipe, load_recipe
+from tests.conftest import REPO, tiny_recipe
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason=f"CUDA not available: torch {torch.__version__} sees no GPU"),
+]
+
+CUDA = torch.device("cuda")
+RECIPES = {"capsnet": REPO / "recipes" / "mnist-capsnet.yaml", "baseline_cnn": REPO / "recipes" / "mnist-cnn.yaml"}
+
+
+def _model(name: str) -> tuple[Recipe, nn.Module]:
+    """The paper recipe's model, initialised from seed 0 on the CPU."""
+    recipe = load_recipe(RECIPES[name])
+    torch.manual_seed(0)
+    return recipe, build_model(recipe.model, recipe.data.input_shape, len(recipe.data.classes), recipe.data.objects)
+
+
+def _inputs(recipe: Recipe, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(n, *recipe.data.input_shape, generator=g),
+            torch.randint(len(recipe.data.classes), (n,), generator=g))
+
+
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """fp32 on CUDA as fp32: TF32 rounds products to 10 mantissa bits, far outside a CPU comparison."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference over the largest magnitude: capsule entries near 0 make elementwise rtol meaningless."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+# batch 300 for the CapsNet: the CPU takes its frequency-domain PrimaryCaps (>= 32 images) in chunks of 256,
+# and both devices route in chunks of 256 under inference mode; CUDA's convolutions are cuDNN's direct ones
+@pytest.mark.parametrize("name,batch", [("capsnet", 300), ("baseline_cnn", 8)])
+def test_cuda_gives_the_cpus_outputs_for_the_same_weights(name, batch, no_tf32):
+    recipe, cpu_model = _model(name)
+    cuda_model = copy.deepcopy(cpu_model).to(CUDA)
+    x, _ = _inputs(recipe, batch)
+    cpu_model.eval()
+    cuda_model.eval()
+    with torch.inference_mode():
+        want, got = cpu_model(x), cuda_model(x.to(CUDA))
+    pairs = [("scores", want.scores, got.scores)]
+    if want.capsules is not None:
+        pairs += [("capsules", want.capsules, got.capsules), ("reconstruction", want.reconstruction,
+                                                              got.reconstruction)]
+    for what, w, g in pairs:
+        assert g is not None and g.device.type == "cuda"
+        assert _relative(g.cpu(), w) < 1e-4, what
+
+
+def _changed(before: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
+    return [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", ["capsnet", "baseline_cnn"])
+def test_a_training_step_on_cuda(name, precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip(f"bf16 not supported on {torch.cuda.get_device_name()}")
+    recipe, model = _model(name)
+    model.to(CUDA).train()
+    x, y = (t.to(CUDA) for t in _inputs(recipe, 16))
+    criterion = recipe.loss_config
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # as capsx/engine.py trains fp16
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # GradScaler skips a step whose scaled gradients overflow and halves its scale (its job, not a failure):
+    # a few tries, as a run's first steps would
+    for _ in range(5):
+        with autocast(CUDA, precision):
+            terms = criterion(model(x, y), x, y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(terms.total).backward()
+        scaler.unscale_(opt)
+        grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        scaler.step(opt)
+        scaler.update()
+        if grads_finite:
+            break
+    assert math.isfinite(terms.total.item()), terms.total
+    assert grads_finite
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 master weights
+    changed = _changed(before, model)
+    assert changed, "no weight moved"
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert set(trainable) <= set(changed), set(trainable) - set(changed)
+
+
+def test_train_then_resume_on_cuda_into_a_real_mlflow_store(workdir):
+    raw = tiny_recipe(train={"epochs": 1, "seed": 0, "log_every": 2})
+    raw["device"] = "cuda"
+    recipe = workdir / "tiny-cuda.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(recipe)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "cuda (" in res.output  # the banner's describe_device
+    first = load_checkpoint(next((workdir / "runs" / "tiny").glob("*/checkpoints/last.pt")))
+    assert first["state"]["epoch"] == 1 and "cuda" in first["rng"]
+
+    res = runner.invoke(app, ["train", "--resume", "latest", "train.epochs=2"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    (last,) = (workdir / "runs" / "tiny").glob("*/checkpoints/last.pt")  # the same run directory
+    resumed = load_checkpoint(last)
+    steps = 96 // 16
+    assert resumed["state"]["epoch"] == 2 and resumed["state"]["global_step"] == 2 * steps
+    assert all(torch.isfinite(v).all() for v in resumed["model"].values() if v.is_floating_point())
+    moved = [k for k, v in resumed["model"].items() if v.is_floating_point() and not torch.equal(v, first["model"][k])]
+    assert moved, "the second epoch changed nothing"
+
+    client = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])  # one run, continued
+    assert run.info.status == "FINISHED" and run.data.tags["capsx.device"].startswith("cuda")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/error")] == [1, 2]
