@@ -55,3 +55,15 @@ def test_running_the_app_in_process_leaves_the_hosts_float_mode_alone(workdir):
 
     assert CliRunner().invoke(app, ["--version"]).exit_code == 0
     assert (torch.tensor([1e-30]) * 1e-10).item() != 0  # e.g. hypothesis refuses to run with subnormals off
+
+
+def test_gpu_check_without_cuda_says_why_in_one_line_and_exits_0():
+    from tests.conftest import REPO
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: make gpu-check runs the real thing")
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stderr == ""
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-check: CUDA not available") and "nothing ran" in lines[0]
