@@ -6,6 +6,7 @@ prints with Rich. A `CapsxError` becomes one red line and its exit code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -48,15 +49,24 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(
 _process_entry = False  # set by `main()`: the process is capsx's own (not a host running the app in-process)
 
 
+_background: Any = None  # a picture command's TrackerProcess, started by `handles_errors`, taken by `_open`
+
+
 def handles_errors(fn: F) -> F:
     """Turn the project's errors into one red line and an exit code, never a traceback. In capsx's own
     process, also set the float mode a command computes in, before its first tensor (never for --help,
-    which Typer answers before the command runs: importing torch alone takes seconds)."""
+    which Typer answers before the command runs: importing torch alone takes seconds). For a command
+    marked `logs_pictures`, first start the process that will log to MLflow, so its start-up overlaps
+    torch's import (capsx/tracking_process.py), unless this process has imported MLflow already."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from capsx.console import print_error
+        global _background
+        # Only where MLflow is not imported yet: a host that has it (a notebook, the tests) gains nothing.
+        if getattr(fn, "logs_pictures", False) and kwargs.get("log") and "mlflow" not in sys.modules:
+            from capsx.tracking_process import TrackerProcess
 
+            _background = TrackerProcess()
         if _process_entry:
             from capsx.runtime import flush_denormals
 
@@ -64,10 +74,23 @@ def handles_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CapsxError as e:
+            from capsx.console import print_error
+
             print_error(str(e))
             raise typer.Exit(e.exit_code) from None
+        finally:
+            left, _background = _background, None
+            if left is not None:  # the command failed before `_open` took it
+                with contextlib.suppress(CapsxError):
+                    left.close()
 
     return wrapper  # type: ignore[return-value]
+
+
+def logs_pictures(fn: F) -> F:
+    """Mark a picture command (it has a `log` option): `handles_errors` starts its tracking process."""
+    fn.logs_pictures = True  # type: ignore[attr-defined]
+    return fn
 
 
 def _version(value: bool) -> None:
@@ -421,10 +444,19 @@ ImageOpt = Annotated[list[Path] | None, typer.Option(
 
 def _open(run: str | None, checkpoint: Path | None, runs_dir: Path, tracking_uri: str | None,
           data_root: Path | None, device: str, log: bool) -> Any:
-    from capsx.inspection import open_trained
+    """Open a trained run for a picture command, logging through the process `handles_errors` started."""
+    global _background
+    background, _background = _background, None
+    try:
+        from capsx.inspection import open_trained
 
-    return open_trained(run, checkpoint, runs_dir=runs_dir, tracking_uri=tracking_uri, data_root=data_root,
-                        device_name=device, log=log)
+        return open_trained(run, checkpoint, runs_dir=runs_dir, tracking_uri=tracking_uri, data_root=data_root,
+                            device_name=device, log=log, background=background)
+    except BaseException:
+        if background is not None:
+            with contextlib.suppress(CapsxError):  # the opening's own error is the one to show
+                background.close()
+        raise
 
 
 def _parse_range(text: str) -> tuple[float, float]:
@@ -450,6 +482,7 @@ def _parse_dims(dim: int | None, dims: str | None) -> list[int] | None:
 
 @app.command()
 @handles_errors
+@logs_pictures
 def perturb(
     dim: Annotated[int | None, typer.Option("--dim", help="One capsule dimension: one row per input.")] = None,
     dims: Annotated[str | None, typer.Option("--dims", help="'all' (default) or a list such as 0,3,5: "
@@ -472,17 +505,19 @@ def perturb(
     device: DeviceOpt = "auto",
 ) -> None:
     """The paper's Fig. 4: decode the winning class capsule with one dimension shifted at a time."""
-    from capsx.inspection import run_perturb
 
     chosen = _parse_dims(dim, dims)
     rng = _parse_range(value_range)
-    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
-    run_perturb(t, dims=chosen, value_range=rng, steps=steps, cls=cls, samples=samples, image=image,
-                class_mean=class_mean)
+    with _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log) as t:
+        from capsx.inspection import run_perturb  # after _open: torch comes in there
+
+        run_perturb(t, dims=chosen, value_range=rng, steps=steps, cls=cls, samples=samples, image=image,
+                    class_mean=class_mean)
 
 
 @app.command()
 @handles_errors
+@logs_pictures
 def reconstruct(
     count: Annotated[int, typer.Option("--count", help="Test images in the main panel.")] = 10,
     misclassified: Annotated[int, typer.Option("--misclassified", help="Mistakes in the strip (0: none).")] = 10,
@@ -500,11 +535,12 @@ def reconstruct(
     device: DeviceOpt = "auto",
 ) -> None:
     """The paper's Fig. 3: inputs above their reconstructions, mistakes marked; the mean reconstruction error."""
-    from capsx.inspection import run_reconstruct
 
-    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
-    run_reconstruct(t, count=count, misclassified=misclassified, force_class=force_class, image=image,
-                    error_images=error_images)
+    with _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log) as t:
+        from capsx.inspection import run_reconstruct  # after _open: torch comes in there
+
+        run_reconstruct(t, count=count, misclassified=misclassified, force_class=force_class, image=image,
+                        error_images=error_images)
 
 
 visualize_app = typer.Typer(help="Look inside a trained model: filters, activations, routing, saliency, "
@@ -518,6 +554,7 @@ OneImageOpt = Annotated[Path | None, typer.Option("--image", help="Your own imag
 
 @visualize_app.command("filters")
 @handles_errors
+@logs_pictures
 def visualize_filters(
     layer: LayerOpt = None,
     in_channel: Annotated[int | None, typer.Option("--in-channel", help="Show the kernels of this input channel "
@@ -527,14 +564,16 @@ def visualize_filters(
     runs_dir: RunsDirOpt = Path("runs"), log: LogOpt = True, device: DeviceOpt = "auto",
 ) -> None:
     """A conv layer's weights as a tile grid, each filter normalised (CapsNet's Conv1: 256 9x9 kernels)."""
-    from capsx.inspection import run_filters
 
-    t = _open(run, checkpoint, runs_dir, tracking_uri, None, device, log)
-    run_filters(t, layer=layer, in_channel=in_channel)
+    with _open(run, checkpoint, runs_dir, tracking_uri, None, device, log) as t:
+        from capsx.inspection import run_filters  # after _open: torch comes in there
+
+        run_filters(t, layer=layer, in_channel=in_channel)
 
 
 @visualize_app.command("activations")
 @handles_errors
+@logs_pictures
 def visualize_activations(
     layer: LayerOpt = None, index: IndexOpt = 0, image: OneImageOpt = None,
     run: RunOpt = None, checkpoint: CheckpointOpt = None, data_root: DataRootOpt = None,
@@ -543,14 +582,16 @@ def visualize_activations(
 ) -> None:
     """Feature maps of a layer for one input, a tile per channel (dead channels black); for a CapsNet also
     the length of every primary capsule over its grid."""
-    from capsx.inspection import run_activations
 
-    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
-    run_activations(t, layer=layer, index=index, image=image)
+    with _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log) as t:
+        from capsx.inspection import run_activations  # after _open: torch comes in there
+
+        run_activations(t, layer=layer, index=index, image=image)
 
 
 @visualize_app.command("routing")
 @handles_errors
+@logs_pictures
 def visualize_routing(
     index: IndexOpt = 0, image: OneImageOpt = None,
     run: RunOpt = None, checkpoint: CheckpointOpt = None, data_root: DataRootOpt = None,
@@ -559,14 +600,16 @@ def visualize_routing(
 ) -> None:
     """Coupling coefficients c_ij for one input, per class capsule and routing iteration, and the mean
     change of the routing logits b_ij per iteration (the paper's appendix diagnostic)."""
-    from capsx.inspection import run_routing
 
-    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
-    run_routing(t, index=index, image=image)
+    with _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log) as t:
+        from capsx.inspection import run_routing  # after _open: torch comes in there
+
+        run_routing(t, index=index, image=image)
 
 
 @visualize_app.command("saliency")
 @handles_errors
+@logs_pictures
 def visualize_saliency(
     index: IndexOpt = 0, image: OneImageOpt = None,
     cls: Annotated[int | None, typer.Option("--class", help="The class to explain (default: the prediction).")]
@@ -581,18 +624,20 @@ def visualize_saliency(
 ) -> None:
     """A heat map of what drives a class: integrated gradients or Grad-CAM (for a CapsNet the class score
     is the capsule's length)."""
-    from capsx.inspection import run_saliency
 
     if method not in ("integrated-gradients", "grad-cam"):
         raise CapsxError(f"--method {method!r}: expected integrated-gradients or grad-cam")
     if steps < 1:
         raise CapsxError(f"--steps {steps}: expected at least 1")
-    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
-    run_saliency(t, index=index, image=image, cls=cls, method=method, layer=layer, steps=steps)
+    with _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log) as t:
+        from capsx.inspection import run_saliency  # after _open: torch comes in there
+
+        run_saliency(t, index=index, image=image, cls=cls, method=method, layer=layer, steps=steps)
 
 
 @visualize_app.command("top-activating")
 @handles_errors
+@logs_pictures
 def visualize_top_activating(
     layer: LayerOpt = None,
     channel: Annotated[int, typer.Option("--channel", help="Channel, or capsule type for PrimaryCaps, or class "
@@ -604,12 +649,13 @@ def visualize_top_activating(
     device: DeviceOpt = "auto",
 ) -> None:
     """The k test images that drive one channel (or capsule type) most."""
-    from capsx.inspection import run_top_activating
 
     if k < 1:
         raise CapsxError(f"--k {k}: expected at least 1")
-    t = _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log)
-    run_top_activating(t, layer=layer, channel=channel, k=k, limit=limit)
+    with _open(run, checkpoint, runs_dir, tracking_uri, data_root, device, log) as t:
+        from capsx.inspection import run_top_activating  # after _open: torch comes in there
+
+        run_top_activating(t, layer=layer, channel=channel, k=k, limit=limit)
 
 
 # ------------------------------------------------------------------------------------------------- ui

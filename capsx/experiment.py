@@ -439,6 +439,7 @@ def run_sweep(refs: list[str], spec: SweepSpec, *, images: int | None, data_root
         path = canvas.save_png(picture, t.out_dir / f"sweep-{spec.name}.png")
         console.print(f"  wrote {path}", soft_wrap=True)
         if t.tracker is not None:
+            assert isinstance(t.tracker, Tracker)  # opened in this process (log_in_background off)
             t.tracker.log_artifact(path, "sweep")
             console.print(f"[dim]logged to run {t.run_id}[/]")
     return results

@@ -4,6 +4,7 @@ same images to its MLflow run with stable keys."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from capsx.pictures import canvas, capsules, inside
 from capsx.recipe import Recipe
 from capsx.runs import resolve_checkpoint, run_tracking_uri
 from capsx.tracking import Tracker
+from capsx.tracking_process import TrackerProcess
 
 GENERATED_LIMIT = 10_000  # a generated test set can hold millions; pictures look at its start
 PAIR_COLOURS = (canvas.RED, canvas.GREEN)  # Fig. 5: each of the two decoded digits in its own colour
@@ -41,7 +43,7 @@ class Trained:
     epoch: int
     out_dir: Path
     data_root: Path
-    tracker: Tracker | None = None
+    tracker: Tracker | TrackerProcess | None = None
     written: list[Path] = field(default_factory=list)
 
     @property
@@ -76,12 +78,32 @@ class Trained:
     def report(self) -> None:
         for path in self.written:
             console.print(f"  wrote {path}", soft_wrap=True)
+        self.close()
         if self.tracker is not None and self.written:
             console.print(f"  logged {len(self.written)} image(s) to run {self.run_id}", soft_wrap=True)
 
+    def close(self) -> None:
+        """Wait for the tracking process (if any) to have applied every call; its error is raised here."""
+        if isinstance(self.tracker, TrackerProcess):
+            self.tracker.close()
+
+    def __enter__(self) -> Trained:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        elif isinstance(self.tracker, TrackerProcess):
+            with contextlib.suppress(CapsxError):  # the command's own error is the one to show
+                self.tracker.close()
+
 
 def open_trained(run: str | None, checkpoint: Path | None, *, runs_dir: Path, tracking_uri: str | None,
-                 data_root: Path | None, device_name: str, log: bool) -> Trained:
+                 data_root: Path | None, device_name: str, log: bool,
+                 background: TrackerProcess | None = None) -> Trained:
+    """The run's model, data and tracker. `background`: a `TrackerProcess` started before torch was
+    imported, to log through (MLflow's start-up ran on another core meanwhile); closed here if unused.
+    Use the result as a context manager then."""
     if run is not None and checkpoint is not None:
         raise CapsxError("give --run or --checkpoint, not both")
     ref = str(checkpoint) if checkpoint is not None else (run or "latest")
@@ -93,11 +115,13 @@ def open_trained(run: str | None, checkpoint: Path | None, *, runs_dir: Path, tr
     run_dir = ckpt.parent.parent
     in_run_dir = (run_dir / "run.json").is_file()
     out_dir = run_dir / "pictures" if in_run_dir else runs_dir / "_pictures" / (run_id or ckpt.stem)
-    tracker = None
+    tracker: Tracker | TrackerProcess | None = None
     if log and run_id:
         uri = run_tracking_uri(ckpt, tracking_uri, runs_dir)
         if uri is not None:
-            tracker = Tracker.attach(uri, run_id)
+            tracker = background.attach(uri, run_id) if background is not None else Tracker.attach(uri, run_id)
+    if background is not None and tracker is None:
+        background.close()  # nothing to log: the process ends at once
     root = resolve_data_root(str(data_root) if data_root else None, getattr(recipe.data, "root", None))
     epoch = int(payload.get("state", {}).get("epoch", 0))
     return Trained(recipe, model, ckpt, run_id, epoch, out_dir, root, tracker)

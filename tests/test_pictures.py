@@ -219,3 +219,34 @@ def test_user_image_for_a_stereo_model_fills_both_views(tmp_path):
     stereo = load_user_image(tmp_path / "bar.png", (2, 32, 32))  # smallNORB's two cameras
     assert stereo.shape == (1, 2, 32, 32)
     assert torch.equal(stereo[:, 0], grey[:, 0]) and torch.equal(stereo[:, 1], grey[:, 0])
+
+
+def test_layer_output_stops_the_forward_at_the_layer_and_gives_what_the_layer_computed():
+    model = build_model(MODELS.get("capsnet")(**{k: v for k, v in TINY_CAPSNET.items() if k != "name"}),
+                        (1, 28, 28), 10).eval()
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ran = []
+    model.primary_caps.register_forward_hook(lambda *a: ran.append("primary"))
+    out = inside.layer_output(model, model.conv1, x)
+    assert torch.equal(out, model.conv1(x)) and ran == []  # nothing after conv1 ran
+    caps = inside.layer_output(model, model.primary_caps, x)
+    assert ran == ["primary"] and torch.allclose(caps, model.primary_caps(torch.relu(model.conv1(x))), atol=1e-6)
+
+
+def test_the_capsx_process_logs_its_pictures_through_the_tracking_process(trained):
+    """As a user runs it (`capsx` in a fresh process, MLflow not yet imported): the logging runs in a
+    second process, and the command ends with every image in the run; a dead store is one line."""
+    import subprocess
+    import sys
+
+    capsx = [sys.executable, "-m", "capsx"]
+    out = subprocess.run([*capsx, "perturb", "--dim", "1", "--samples", "2"], cwd=trained, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "logged 1 image(s) to run" in out.stdout, out.stdout + out.stderr
+    run_id = next(trained.glob("runs/tiny/*/pictures")).parent.name
+    client = MlflowClient(f"sqlite:///{trained}/runs/mlflow.db")
+    assert any("images/perturb~dim1" in a.path for a in client.list_artifacts(run_id, "images"))
+    dead = subprocess.run([*capsx, "visualize", "filters", "--tracking-uri", "http://127.0.0.1:9"], cwd=trained,
+                          capture_output=True, text=True, timeout=120)
+    assert dead.returncode != 0 and "Traceback" not in dead.stderr, dead.stderr
+    assert dead.stderr.strip().startswith("error: ") and len(dead.stderr.strip().splitlines()) == 1, dead.stderr

@@ -113,3 +113,33 @@ def test_two_trainings_into_one_sqlite_store_both_keep_all_metrics(workdir):
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "test/error")] == [1, 2, 3]
         assert len(client.get_metric_history(run.info.run_id, "train/step_loss")) == 18
+
+
+def test_the_tracking_process_logs_exactly_what_it_is_given_and_says_why_when_it_cannot(tmp_path):
+    import numpy as np
+
+    from capsx.errors import CapsxError
+    from capsx.tracking_process import TrackerProcess
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = Tracker.start(uri, "pictures").run_id
+    image = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    process = TrackerProcess().attach(uri, run_id)
+    process.log_image(image, key="perturb/class0", step=3)
+    process.log_metrics({"recon/mean_sse": 29.25}, step=3)
+    assert process.close() == 2 and process.close() == 2  # idempotent
+    client = MlflowClient(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "recon/mean_sse")] == [(3, 29.25)]
+    (png,) = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert "perturb~class0" in png
+    from PIL import Image
+
+    logged = np.asarray(Image.open(client.download_artifacts(run_id, png, str(tmp_path / "dl"))))
+    assert np.array_equal(logged, image)
+
+    assert TrackerProcess().close() == 0  # started, never given a run: ends at once, nothing logged
+    ghost = TrackerProcess().attach(uri, "0" * 32)  # no such run in this store
+    ghost.log_metrics({"x": 1.0}, step=0)
+    with pytest.raises(CapsxError, match="tracking store .*mlflow.db") as err:
+        ghost.close()
+    assert "\n" not in str(err.value)

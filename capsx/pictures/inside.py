@@ -66,11 +66,27 @@ def _capture(module: nn.Module) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
+class _Reached(Exception):
+    """Raised by `layer_output`'s hook: the layer asked for has run, the rest of the forward is not needed."""
+
+
 @torch.no_grad()
 def layer_output(model: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
-    """The output of `layer` for input batch x."""
-    with _capture(layer) as seen:
+    """The output of `layer` for input batch x. The forward stops there (for Conv1 of the paper's CapsNet
+    the routing and the decoder, nearly all of its cost, never run)."""
+    seen: list[Tensor] = []
+
+    def hook(mod: nn.Module, inputs: object, output: object) -> None:
+        seen.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[arg-type]
+        raise _Reached
+
+    handle = layer.register_forward_hook(hook)
+    try:
         model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
     assert seen, "the layer did not run"
     return seen[0]
 
