@@ -379,8 +379,8 @@ def check_memory(model: nn.Module, criterion: Criterion, input_shape: tuple[int,
 
 LONG_EPOCH_SECONDS = 2 * 3600  # an epoch longer than this gets a word before training starts
 BF16_WITHOUT_UNITS = ("train.precision=bf16 on a CPU without bf16 units (no avx512_bf16 or amx_bf16): torch "
-                      "converts to fp32 and back around each operation, so this is likely slower than fp32 "
-                      "here (measured on an AVX2 CPU: see the README's Performance)")
+                      "converts to fp32 and back around each operation, so this is likely much slower than fp32 "
+                      "here (on a 2-core AVX2 CPU the paper's CapsNet trained at 1.8 img/s in bf16, 70.6 in fp32)")
 
 
 def long_epoch_advice(seconds: float, steps: int, batch: int, device: torch.device, precision: str) -> str:
