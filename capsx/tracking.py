@@ -115,7 +115,7 @@ def _store_errors(uri: str) -> Iterator[None]:
         raise
     except Exception as e:
         raise CapsxError(f"tracking store {uri}: {_first_line(e)} (check --tracking-uri / MLFLOW_TRACKING_URI, "
-                         "or train with --no-track)") from None
+                         "or go without it: --no-track to train, --no-log for a picture command)") from None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
