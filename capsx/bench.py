@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from capsx.device import autocast, describe_device
+from capsx.device import autocast, describe_device, synchronize
 from capsx.errors import CapsxError
 from capsx.models.capsnet import CapsNet
 from capsx.models.reference import ReferenceCapsNet
@@ -102,14 +102,6 @@ class BenchResult:
         }
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued kernels: a clock read before them would time their launch only."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5,
                        device: torch.device = torch.device("cpu")) -> float:
     """The best rate of an n x n matrix product on `device`, the machine's practical ceiling (fp32 on CUDA:
@@ -150,14 +142,22 @@ def _train_rate(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch
     synchronize(x.device)
     t = time.perf_counter()
     for _ in range(steps):
-        with autocast(x.device, precision):
-            terms = criterion(model(x, y), x, y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(terms.total).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(model, criterion, x, y, opt, scaler, precision)
     synchronize(x.device)
     return steps * len(x) / (time.perf_counter() - t)
+
+
+def train_step(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.Tensor,
+               opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: str) -> torch.Tensor:
+    """One optimiser step on (x, y), the images their own reconstruction targets, as the engine steps
+    (autocast, the GradScaler that fp16 needs); returns the loss, not waited for."""
+    with autocast(x.device, precision):
+        terms = criterion(model(x, y), x, y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(terms.total).backward()
+    scaler.step(opt)
+    scaler.update()
+    return terms.total.detach()
 
 
 def _infer_rate(model: nn.Module, x: torch.Tensor, precision: str) -> float:

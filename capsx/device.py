@@ -55,6 +55,14 @@ def describe_device(device: torch.device) -> str:
     return device.type
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels: a clock read before them would time their launch only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
     """Mixed precision for bf16/fp16; a no-op for fp32."""
     if precision == "fp32":

@@ -90,12 +90,12 @@ class Trained:
     def __enter__(self) -> Trained:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if exc[0] is None:
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
             self.close()
-        elif isinstance(self.tracker, TrackerProcess):
-            with contextlib.suppress(CapsxError):  # the command's own error is the one to show
-                self.tracker.close()
+            return
+        with contextlib.suppress(CapsxError):  # the command's own error is the one to show
+            self.close()
 
 
 def open_trained(run: str | None, checkpoint: Path | None, *, runs_dir: Path, tracking_uri: str | None,

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from capsx.device import synchronize
+
 PROBE_BATCHES = (8, 40)
 MARGIN = 1.5  # allocator slack and fragmentation: measured peaks ranged 0.5x-1.0x of this scaled estimate
 OPTIMIZER_COPIES = {"sgd": 1, "adam": 2, "adadelta": 2, "adagrad": 1, "rmsprop": 2}  # state tensors per parameter
@@ -103,7 +105,6 @@ def probe(model: nn.Module, criterion: object, input_shape: tuple[int, int, int]
           device: torch.device, objects: int = 1) -> Probe:
     """Take the two probe steps (weights untouched, the RNG as it was), reading memory and time."""
     readers = _memory_readers(device)
-    sync = _synchronizer(device)
     if readers is not None:
         readers[0]()
     was_training = model.training
@@ -115,10 +116,10 @@ def probe(model: nn.Module, criterion: object, input_shape: tuple[int, int, int]
             for b in PROBE_BATCHES:
                 if readers is not None:
                     readers[0]()
-                sync()
+                synchronize(device)
                 started = time.perf_counter()
                 _step(model, criterion, input_shape, b, device, objects)
-                sync()
+                synchronize(device)
                 seconds.append(time.perf_counter() - started)
                 if readers is not None:
                     peaks.append(readers[1]())
@@ -172,15 +173,6 @@ def _memory_readers(device: torch.device) -> Readers | None:
 
         return cpu[0], cpu[1], rss, available
     return None
-
-
-def _synchronizer(device: torch.device) -> Callable[[], None]:
-    """Wait for the device's queued work, so a clock read after it times the work itself."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    if device.type == "mps":
-        return torch.mps.synchronize
-    return lambda: None
 
 
 def gib(n: float) -> str:

@@ -250,13 +250,6 @@ def _final_error(last_pt: Path) -> float:
 # --------------------------------------------------------------------------- in-process steps (children)
 
 
-def _sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _paper_model(which: str, device: Any) -> tuple[Any, Any, Any]:
     import torch
 
@@ -279,20 +272,16 @@ def _batch(recipe: Any, n: int, device: Any) -> tuple[Any, Any]:
 
 
 def _train_step(model: Any, criterion: Any, x: Any, y: Any, opt: Any, scaler: Any, precision: str) -> float:
-    from capsx.device import autocast
+    from capsx.bench import train_step
 
-    with autocast(x.device, precision):
-        terms = criterion(model(x, y), x, y)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(terms.total).backward()
-    scaler.step(opt)
-    scaler.update()
-    return float(terms.total.item())
+    return float(train_step(model, criterion, x, y, opt, scaler, precision).item())
 
 
 def child_steps(which: str, device: Any, rehearse: bool) -> list[Row]:
     """ms per training step at batch 128 (rehearsal: 8 or 4), fp32 / bf16 / fp16, median after warm-up."""
     import torch
+
+    from capsx.device import synchronize
 
     recipe, model, criterion = _paper_model(which, device)
     batch = (8 if which == "capsnet" else 4) if rehearse else 128
@@ -313,10 +302,10 @@ def child_steps(which: str, device: Any, rehearse: bool) -> list[Row]:
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         times, loss = [], math.nan
         for i in range(warmup + timed):
-            _sync(device)
+            synchronize(device)
             t = time.perf_counter()
             loss = _train_step(model, criterion, x, y, opt, scaler, precision)  # .item() waits for the step
-            _sync(device)
+            synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t)
         ok = math.isfinite(loss)
@@ -335,7 +324,7 @@ def child_memory(device: Any, rehearse: bool) -> list[Row]:
     batch-1000 inference; the rehearsal reads the process's peak RSS at small batches."""
     import torch
 
-    from capsx.bench import _peak_rss
+    from capsx.bench import _peak_gpu, _peak_rss
 
     recipe, model, criterion = _paper_model("capsnet", device)
     train_b, infer_b = (16, 100) if rehearse else (128, 1000)
@@ -347,13 +336,7 @@ def child_memory(device: Any, rehearse: bool) -> list[Row]:
     _train_step(model, criterion, x, y, opt, scaler, "fp32")  # Adam's state exists from the first step on
 
     def peak(fn: Callable[[], object]) -> int | None:
-        if device.type != "cuda":
-            return _peak_rss(fn)
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        _sync(device)
-        return int(torch.cuda.max_memory_allocated(device))
+        return _peak_gpu(fn, device) if device.type == "cuda" else _peak_rss(fn)
 
     what = "GPU memory (max_memory_allocated)" if device.type == "cuda" else "RSS above start (CPU rehearsal)"
     rows = []
