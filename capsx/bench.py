@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from capsx.device import autocast, describe_device, synchronize
 from capsx.errors import CapsxError
 from capsx.models.capsnet import CapsNet
 from capsx.models.reference import ReferenceCapsNet
 from capsx.recipe import Recipe
+from capsx.train.device import autocast, describe_device, synchronize
 
 
 @dataclass

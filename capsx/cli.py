@@ -57,18 +57,18 @@ def handles_errors(fn: F) -> F:
     process, also set the float mode a command computes in, before its first tensor (never for --help,
     which Typer answers before the command runs: importing torch alone takes seconds). For a command
     marked `logs_pictures`, first start the process that will log to MLflow, so its start-up overlaps
-    torch's import (capsx/tracking_process.py), unless this process has imported MLflow already."""
+    torch's import (capsx/track/process.py), unless this process has imported MLflow already."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         global _background
         # Only where MLflow is not imported yet: a host that has it (a notebook, the tests) gains nothing.
         if getattr(fn, "logs_pictures", False) and kwargs.get("log") and "mlflow" not in sys.modules:
-            from capsx.tracking_process import TrackerProcess
+            from capsx.track.process import TrackerProcess
 
             _background = TrackerProcess()
         if _process_entry:
-            from capsx.runtime import flush_denormals
+            from capsx.train.runtime import flush_denormals
 
             flush_denormals()
         try:
@@ -106,7 +106,7 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    from capsx.runtime import keep_large_tensors_on_heap
+    from capsx.train.runtime import keep_large_tensors_on_heap
 
     keep_large_tensors_on_heap()
 
@@ -135,9 +135,9 @@ def train(
                         "mean +- std of the test error.")] = None,
 ) -> None:
     """Train a recipe: progress bar, test evaluation every epoch, checkpoints, MLflow run."""
-    from capsx.checkpoint import load_checkpoint
     from capsx.recipe import load_recipe, recipe_from_dict
-    from capsx.runs import resolve_checkpoint
+    from capsx.track.runs import resolve_checkpoint
+    from capsx.train.checkpoint import load_checkpoint
 
     changes = [*(set_ or []), *(overrides or [])]
     payload = None
@@ -163,7 +163,7 @@ def train(
         typer.echo(loaded.to_yaml(), nl=False)  # plain, unwrapped: it is meant to be piped or saved
         return
     if nproc > 1:
-        from capsx import distributed
+        from capsx.train import distributed
 
         if seeds is not None:
             raise CapsxError("--seeds with --nproc: not supported together; run each seed with --nproc")
@@ -372,9 +372,9 @@ def bench(
 
     from capsx.bench import run_bench
     from capsx.console import console, err_console, key_value_table
-    from capsx.device import resolve_device
     from capsx.recipe import load_recipe
-    from capsx.tracking import Tracker, resolve_tracking_uri
+    from capsx.track.tracker import Tracker, resolve_tracking_uri
+    from capsx.train.device import resolve_device
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise CapsxError(f"--precision {precision!r}: expected fp32, bf16 or fp16")
@@ -670,7 +670,7 @@ def ui(
     port: Annotated[int, typer.Option(help="Port of the web UI.")] = 5000,
 ) -> None:
     """Open the MLflow UI on the same store `train` logs to."""
-    from capsx.tracking import local_store_dir, resolve_tracking_uri
+    from capsx.track.tracker import local_store_dir, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri, None, runs_dir)
     args = ["ui", "--backend-store-uri", uri]

@@ -9,9 +9,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from capsx.engine import EpochTotals
-from capsx.metrics import EvalResult
 from capsx.paper import CheckRow
+from capsx.train.loop import EpochTotals
+from capsx.train.metrics import EvalResult
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from capsx.data import Batches
-from capsx.device import autocast, eval_mode
-from capsx.losses import BinaryCrossEntropyConfig
-from capsx.metrics import EvalResult, predict
 from capsx.models import ModelOutput
 from capsx.recipe import Recipe
+from capsx.train.device import autocast, eval_mode
+from capsx.train.losses import BinaryCrossEntropyConfig
+from capsx.train.metrics import EvalResult, predict
 
 
 def class_probabilities(out: ModelOutput, recipe: Recipe) -> Tensor:

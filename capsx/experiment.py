@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from capsx import __version__, distributed
-from capsx.checkpoint import load_checkpoint
+from capsx import __version__
 from capsx.console import (
     ProgressReporter,
     confusion_table,
@@ -33,16 +32,13 @@ from capsx.data import Batches, ImageSet, resolve_data_root
 from capsx.data.affnist import CANVAS as EVAL_CANVAS
 from capsx.data.affnist import load_eval_set
 from capsx.data.imageset import Examples
-from capsx.device import autocast, describe_device, resolve_device
-from capsx.distributed import Group
-from capsx.engine import FitResult, Interrupted, QuietReporter, Run, evaluate, fit, load_model
 from capsx.ensemble import EnsembleResult, Member, evaluate_ensemble
 from capsx.errors import CapsxError, RunError
-from capsx.metrics import EvalResult
 from capsx.models.transfer import check_transfer
 from capsx.paper import EVAL_SETS, CheckFailed, CheckRow, check_rows
 from capsx.recipe import Recipe
-from capsx.runs import (
+from capsx.sweep import SweepSpec
+from capsx.track.runs import (
     RunInfo,
     ensure_writable,
     find_run_dir,
@@ -52,8 +48,13 @@ from capsx.runs import (
     resolve_checkpoint,
     run_tracking_uri,
 )
-from capsx.sweep import SweepSpec
-from capsx.tracking import NullTracker, Tracker, child_run_ids, parent_run_id, resolve_tracking_uri
+from capsx.track.tracker import NullTracker, Tracker, child_run_ids, parent_run_id, resolve_tracking_uri
+from capsx.train import distributed
+from capsx.train.checkpoint import load_checkpoint
+from capsx.train.device import autocast, describe_device, resolve_device
+from capsx.train.distributed import Group
+from capsx.train.loop import FitResult, Interrupted, QuietReporter, Run, evaluate, fit, load_model
+from capsx.train.metrics import EvalResult
 
 
 @dataclass

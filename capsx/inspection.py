@@ -12,21 +12,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from capsx.checkpoint import load_checkpoint
 from capsx.console import console
 from capsx.data import ImageSet, resolve_data_root
 from capsx.data.user_image import load_user_image
-from capsx.device import resolve_device
-from capsx.engine import load_model
 from capsx.errors import CapsxError
-from capsx.losses import reconstruction_loss
-from capsx.metrics import all_right
 from capsx.models.capsnet import CapsNet
 from capsx.pictures import canvas, capsules, inside
 from capsx.recipe import Recipe
-from capsx.runs import resolve_checkpoint, run_tracking_uri
-from capsx.tracking import Tracker
-from capsx.tracking_process import TrackerProcess
+from capsx.track.process import TrackerProcess
+from capsx.track.runs import resolve_checkpoint, run_tracking_uri
+from capsx.track.tracker import Tracker
+from capsx.train.checkpoint import load_checkpoint
+from capsx.train.device import resolve_device
+from capsx.train.loop import load_model
+from capsx.train.losses import reconstruction_loss
+from capsx.train.metrics import all_right
 
 GENERATED_LIMIT = 10_000  # a generated test set can hold millions; pictures look at its start
 PAIR_COLOURS = (canvas.RED, canvas.GREEN)  # Fig. 5: each of the two decoded digits in its own colour

@@ -18,12 +18,12 @@ from pydantic.fields import FieldInfo
 
 from capsx.data import DATASETS, DataConfig
 from capsx.errors import RecipeError
-from capsx.losses import BinaryCrossEntropyConfig, CrossEntropyConfig, LossConfig, MarginLossConfig
 from capsx.models import MODELS, ModelConfig
-from capsx.optim import OptimizerConfig, ScheduleConfig
 from capsx.paper import PaperNumber
 from capsx.registry import Registry
 from capsx.schema import Section
+from capsx.train.losses import BinaryCrossEntropyConfig, CrossEntropyConfig, LossConfig, MarginLossConfig
+from capsx.train.optim import OptimizerConfig, ScheduleConfig
 
 
 class _RecipeLoader(yaml.SafeLoader):

@@ -181,7 +181,7 @@ def step_resume(ctx: Context) -> list[Row]:
                                str(cut)), ctx, 60)
     if code != 0:
         return [Row(name, "FAILED", "the resume: " + _why(code, out), time.monotonic() - t)]
-    from capsx.checkpoint import load_checkpoint
+    from capsx.train.checkpoint import load_checkpoint
 
     a = load_checkpoint(next(straight.glob("resume/*/checkpoints/last.pt")))
     b = load_checkpoint(run_dir / "checkpoints" / "last.pt")
@@ -242,7 +242,7 @@ STEPS: list[tuple[str, Callable[[Context], list[Row]]]] = [
 
 
 def _final_error(last_pt: Path) -> float:
-    from capsx.checkpoint import load_checkpoint
+    from capsx.train.checkpoint import load_checkpoint
 
     return float(load_checkpoint(last_pt)["state"]["history"][-1]["test/error"])
 
@@ -281,7 +281,7 @@ def child_steps(which: str, device: Any, rehearse: bool) -> list[Row]:
     """ms per training step at batch 128 (rehearsal: 8 or 4), fp32 / bf16 / fp16, median after warm-up."""
     import torch
 
-    from capsx.device import synchronize
+    from capsx.train.device import synchronize
 
     recipe, model, criterion = _paper_model(which, device)
     batch = (8 if which == "capsnet" else 4) if rehearse else 128

@@ -191,9 +191,9 @@ def prepared(tmp_path_factory):
     _mnist_with_a_leak(tmp / "leak", copies=1, n_test=64)
     ckpt = tmp / "ckpt"
     ckpt.mkdir()
-    from capsx.checkpoint import save_checkpoint
     from capsx.models import build_model
     from capsx.recipe import recipe_from_dict
+    from capsx.train.checkpoint import save_checkpoint
 
     shapes = tiny_recipe()["data"]
     for name, model_cfg, data in (("caps", tiny_recipe()["model"], shapes), ("cnn", CNN, shapes),

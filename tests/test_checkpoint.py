@@ -8,12 +8,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from capsx.checkpoint import load_checkpoint, save_checkpoint
-from capsx.device import resolve_device
-from capsx.engine import Interrupted, QuietReporter, Run, fit, load_model
 from capsx.errors import RunError
 from capsx.recipe import recipe_from_dict
-from capsx.tracking import Tracker
+from capsx.track.tracker import Tracker
+from capsx.train.checkpoint import load_checkpoint, save_checkpoint
+from capsx.train.device import resolve_device
+from capsx.train.loop import Interrupted, QuietReporter, Run, fit, load_model
 from tests.conftest import tiny_recipe
 
 

@@ -123,9 +123,9 @@ def test_small_cnn_learns_real_mnist(tmp_path):
     root = real_mnist_root()
     if root is None:
         pytest.skip("real MNIST not found: set CAPSX_DATA to a folder holding MNIST/raw/")
-    from capsx.device import resolve_device
-    from capsx.engine import QuietReporter, Run, fit
     from capsx.recipe import recipe_from_dict
+    from capsx.train.device import resolve_device
+    from capsx.train.loop import QuietReporter, Run, fit
 
     class NoTracking:
         run_id = "local"

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from capsx.device import resolve_device
-from capsx.engine import QuietReporter, Run, fit
 from capsx.errors import CapsxError
-from capsx.optim import ScheduleConfig, lr_factor
 from capsx.recipe import recipe_from_dict
+from capsx.train.device import resolve_device
+from capsx.train.loop import QuietReporter, Run, fit
+from capsx.train.optim import ScheduleConfig, lr_factor
 from tests.conftest import tiny_recipe
 
 
@@ -84,8 +84,8 @@ def test_schedules_by_hand(cfg, step, total, expected):
 
 
 def test_a_diverged_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    from capsx.checkpoint import load_checkpoint
     from capsx.errors import RunError
+    from capsx.train.checkpoint import load_checkpoint
 
     good = recipe_from_dict(tiny_recipe(model={"name": "convnet_small", "channels": [4], "hidden": [8]}), "t")
     fit(good, _run(tmp_path, _NoTracking()))
@@ -99,9 +99,9 @@ def test_a_diverged_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 
 def test_memory_preflight_stops_a_batch_that_cannot_fit(tmp_path):
-    from capsx import memory
-    from capsx.losses import MarginLossConfig
     from capsx.models import MODELS, build_model
+    from capsx.train import memory
+    from capsx.train.losses import MarginLossConfig
 
     model = build_model(MODELS.get("capsnet")(), (1, 28, 28), 10)
     est = memory.estimate(model, MarginLossConfig(), (1, 28, 28), "adam", torch.device("cpu"))
@@ -116,7 +116,7 @@ def test_memory_preflight_stops_a_batch_that_cannot_fit(tmp_path):
     # the data set is smaller than the batch: the step really taken is small, and fits
     fit(recipe, _run(tmp_path, _NoTracking()))
     engine_model = build_model(MODELS.get("capsnet")(), (1, 28, 28), 10)
-    from capsx.engine import check_memory
+    from capsx.train.loop import check_memory
 
     with pytest.raises(CapsxError, match=r"data.batch_size \d+: a training step needs about .* free; "
                                          r"the largest batch that fits is about \d+"):
@@ -143,7 +143,7 @@ def test_train_compile_trains_the_same_model_as_eager(tmp_path):
 @pytest.mark.numerics
 def test_adam_is_fused_on_the_cpu_and_steps_like_torchs_plain_loop():
     from capsx.models import build_model
-    from capsx.optim import OptimizerConfig, build_optimizer
+    from capsx.train.optim import OptimizerConfig, build_optimizer
 
     recipe = recipe_from_dict(tiny_recipe(), source="t")
     models = [build_model(recipe.model, recipe.data.input_shape, len(recipe.data.classes)) for _ in range(2)]
@@ -177,7 +177,7 @@ class _Warnings(QuietReporter):
 
 def test_an_epoch_longer_than_the_limit_is_announced_with_its_estimate_and_the_ways_to_shorten_it(
         tmp_path, monkeypatch):
-    import capsx.engine as engine
+    import capsx.train.loop as engine
 
     recipe = recipe_from_dict(tiny_recipe(), "t")
     quiet = _Warnings()
@@ -193,8 +193,8 @@ def test_an_epoch_longer_than_the_limit_is_announced_with_its_estimate_and_the_w
 
 
 def test_long_epoch_advice_offers_bf16_only_where_it_helps():
-    from capsx.device import cpu_has_bf16_units
-    from capsx.engine import long_epoch_advice
+    from capsx.train.device import cpu_has_bf16_units
+    from capsx.train.loop import long_epoch_advice
 
     cpu = long_epoch_advice(540_000, 468_750, 128, torch.device("cpu"), "fp32")
     assert "468,750 steps of batch 128 and will take about 150 h on this cpu" in cpu
@@ -205,7 +205,7 @@ def test_long_epoch_advice_offers_bf16_only_where_it_helps():
 
 
 def test_the_probe_time_scales_by_images():
-    from capsx.memory import PROBE_BATCHES, Probe
+    from capsx.train.memory import PROBE_BATCHES, Probe
 
     per_image = 0.01
     probe = Probe(None, (0.5, per_image * PROBE_BATCHES[1]))
@@ -213,7 +213,7 @@ def test_the_probe_time_scales_by_images():
 
 
 def test_bf16_on_a_cpu_without_bf16_units_says_it_is_likely_slower(tmp_path):
-    from capsx.device import cpu_has_bf16_units
+    from capsx.train.device import cpu_has_bf16_units
 
     told = _Warnings()
     fit(recipe_from_dict(tiny_recipe(), "t", ["train.precision=bf16"]),
@@ -232,6 +232,6 @@ def test_bf16_on_a_cpu_without_bf16_units_says_it_is_likely_slower(tmp_path):
     ("", None),  # nothing to tell from
 ])
 def test_bf16_units_from_cpuinfo(cpuinfo, expected):
-    from capsx.device import cpu_has_bf16_units
+    from capsx.train.device import cpu_has_bf16_units
 
     assert cpu_has_bf16_units(cpuinfo) is expected

@@ -9,14 +9,14 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from typer.testing import CliRunner
 
-from capsx.checkpoint import load_checkpoint
 from capsx.cli import app
 from capsx.data import Batches
 from capsx.data.imageset import ImageSet
-from capsx.engine import load_model
 from capsx.ensemble import Member, class_probabilities, evaluate_ensemble
 from capsx.models import ModelOutput
 from capsx.recipe import recipe_from_dict
+from capsx.train.checkpoint import load_checkpoint
+from capsx.train.loop import load_model
 from tests.conftest import tiny_recipe
 
 runner = CliRunner()

@@ -15,11 +15,11 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from typer.testing import CliRunner
 
-from capsx.checkpoint import load_checkpoint
 from capsx.cli import app
-from capsx.device import autocast
 from capsx.models import build_model
 from capsx.recipe import Recipe, load_recipe
+from capsx.train.checkpoint import load_checkpoint
+from capsx.train.device import autocast
 from tests.conftest import REPO, tiny_recipe
 
 pytestmark = [

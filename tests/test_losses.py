@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from capsx.losses import CrossEntropyConfig, MarginLossConfig, margin_loss, reconstruction_loss
 from capsx.models.output import ModelOutput
+from capsx.train.losses import CrossEntropyConfig, MarginLossConfig, margin_loss, reconstruction_loss
 
 pytestmark = pytest.mark.numerics  # run again under a lower CPU capability (tests/lower_isa.py)
 

@@ -108,7 +108,7 @@ def test_tiny_model_overfits_a_tiny_batch(name):
     if "dropout" in MODELS.get(name).model_fields:
         kwargs["dropout"] = 0.0  # memorising 8 random images is the point here
     model = build_model(MODELS.get(name)(**kwargs), (1, 28, 28), 4)
-    from capsx.losses import CrossEntropyConfig, MarginLossConfig
+    from capsx.train.losses import CrossEntropyConfig, MarginLossConfig
 
     criterion = MarginLossConfig() if name == "capsnet" else CrossEntropyConfig()
     x, y = torch.rand(8, 1, 28, 28), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
@@ -187,7 +187,7 @@ def test_none_of_the_above_routes_but_is_not_a_class():
     # ... which is not routing over the ten alone: the extra capsule takes part in the softmax
     assert not torch.allclose(out.capsules, routing_reference(u_hat[:, :, :10], 3), rtol=1e-3, atol=0)
     # and it learns through routing although no loss term names it
-    from capsx.losses import MarginLossConfig
+    from capsx.train.losses import MarginLossConfig
     MarginLossConfig()(out, x, torch.tensor([0, 1, 2, 3])).total.backward()
     assert caps.weight.grad[:, 10].abs().sum() > 0
 

@@ -18,10 +18,10 @@ from capsx.data import Batches
 from capsx.data.imageset import ImageSet
 from capsx.data.multimnist import MultiMNISTConfig, PairSet, bounding_boxes, box_overlap, place
 from capsx.errors import RecipeError
-from capsx.losses import BinaryCrossEntropyConfig, MarginLossConfig
-from capsx.metrics import EvalResult, all_right
 from capsx.models import MODELS, ModelOutput, build_model
 from capsx.recipe import recipe_from_dict
+from capsx.train.losses import BinaryCrossEntropyConfig, MarginLossConfig
+from capsx.train.metrics import EvalResult, all_right
 from tests.conftest import TINY_CAPSNET, real_mnist_root, tiny_recipe, write_mnist
 
 

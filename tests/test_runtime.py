@@ -1,4 +1,4 @@
-"""Process-wide CPU settings (capsx.runtime), each checked in a fresh interpreter: they are global state."""
+"""Process-wide CPU settings (capsx.train.runtime), each checked in a fresh interpreter: they are global state."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import torch
 
 SUBNORMAL_PRODUCT = """
 import sys, torch
-from capsx.runtime import flush_denormals
+from capsx.train.runtime import flush_denormals
 if sys.argv[1] == "on":
     flush_denormals()
 if sys.argv[1] in ("cli", "help"):  # the console script's entry: a command that runs (here to its

@@ -12,10 +12,10 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from capsx.cli import app
-from capsx.device import resolve_device
-from capsx.engine import Run, fit
 from capsx.recipe import recipe_from_dict
-from capsx.tracking import BUFFER_FILE, Tracker
+from capsx.track.tracker import BUFFER_FILE, Tracker
+from capsx.train.device import resolve_device
+from capsx.train.loop import Run, fit
 from tests.conftest import tiny_recipe
 from tests.mlflow_server import Server, free_port
 
@@ -45,7 +45,7 @@ class _StopServerAt:
 
 
 def test_a_server_that_dies_mid_run_loses_nothing(tmp_path, server, monkeypatch):
-    monkeypatch.setattr("capsx.tracking.RETRY_SECONDS", 0.5)  # retry often in a short test
+    monkeypatch.setattr("capsx.track.tracker.RETRY_SECONDS", 0.5)  # retry often in a short test
     recipe = recipe_from_dict(tiny_recipe(train={"epochs": 3, "log_every": 1}), "t")  # 6 steps per epoch
     notes = []
     tracker = Tracker.start(server.uri, "dies")
@@ -119,7 +119,7 @@ def test_the_tracking_process_logs_exactly_what_it_is_given_and_says_why_when_it
     import numpy as np
 
     from capsx.errors import CapsxError
-    from capsx.tracking_process import TrackerProcess
+    from capsx.track.process import TrackerProcess
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id = Tracker.start(uri, "pictures").run_id

@@ -10,11 +10,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from capsx.checkpoint import load_checkpoint, save_checkpoint
 from capsx.cli import app
 from capsx.errors import CapsxError
 from capsx.models import MODELS, build_model
 from capsx.models.transfer import prepare_transfer
+from capsx.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import tiny_recipe, write_mnist
 
 runner = CliRunner()

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from capsx.checkpoint import is_checkpoint, read_weights_file
 from capsx.errors import CapsxError, RunError
 from capsx.models.config import ModelConfig
+from capsx.train.checkpoint import is_checkpoint, read_weights_file
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 

@@ -105,7 +105,7 @@ def resolve_checkpoint(ref: str, runs_dir: Path, tracking_uri: str | None, which
     if ref == "latest":
         raise CapsxError(f"no runs in {runs_dir}/ yet; train one first (e.g. capsx train recipes/quickstart.yaml)")
     if is_run_id(ref) and which == "best":
-        from capsx.tracking import download_checkpoint, resolve_tracking_uri
+        from capsx.track.tracker import download_checkpoint, resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri, None, runs_dir)
         fetched = download_checkpoint(uri, ref, runs_dir / "_downloads" / ref)
@@ -123,6 +123,6 @@ def run_tracking_uri(checkpoint: Path, cli_uri: str | None, runs_dir: Path) -> s
     run_dir = checkpoint.parent.parent
     if (run_dir / "run.json").is_file():
         return read_run_info(run_dir).tracking_uri
-    from capsx.tracking import resolve_tracking_uri
+    from capsx.track.tracker import resolve_tracking_uri
 
     return resolve_tracking_uri(None, None, runs_dir)

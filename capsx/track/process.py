@@ -6,7 +6,7 @@ time runs on another core while this one imports torch, opens the checkpoint and
 to log to is sent once it is known, then the calls, as JSON lines on its stdin, and it reports one
 line when its input ends. On one core it costs about what the in-process tracker did.
 
-`python -m capsx.tracking_process` is the other end.
+`python -m capsx.track.process` is the other end.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class TrackerProcess:
         self._scratch = tempfile.TemporaryDirectory(prefix="capsx-log-")
         self._output: IO[str] = open(Path(self._scratch.name) / "output.txt", "w+")  # noqa: SIM115
         # output to a file, not a pipe: a child blocked on a full pipe would block our writes to its stdin
-        self._proc = subprocess.Popen([sys.executable, "-m", "capsx.tracking_process"], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, "-m", "capsx.track.process"], stdin=subprocess.PIPE,
                                       stdout=self._output, stderr=subprocess.STDOUT, text=True)
         self._sent = 0
         self._closed: int | None = None
@@ -95,7 +95,7 @@ class TrackerProcess:
 
 
 def _serve() -> int:
-    from capsx.tracking import Tracker, import_mlflow
+    from capsx.track.tracker import Tracker, import_mlflow
 
     import_mlflow()  # the 2 s this process exists for, before it knows which run
     header = sys.stdin.readline()

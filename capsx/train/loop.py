@@ -21,19 +21,19 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from capsx import memory
-from capsx.checkpoint import save_checkpoint
 from capsx.data import Batches, DataSplits
-from capsx.device import autocast, cpu_has_bf16_units, eval_mode
-from capsx.distributed import SINGLE, Group, per_process_batch
 from capsx.errors import CapsxError, RunError
-from capsx.interrupt import StopRequest
-from capsx.losses import LossTerms
-from capsx.metrics import EvalResult, all_right, predict
 from capsx.models import ModelOutput, build_model
 from capsx.models.transfer import prepare_transfer
-from capsx.optim import build_optimizer, lr_factor, set_lr
 from capsx.recipe import Recipe
+from capsx.train import memory
+from capsx.train.checkpoint import save_checkpoint
+from capsx.train.device import autocast, cpu_has_bf16_units, eval_mode
+from capsx.train.distributed import SINGLE, Group, per_process_batch
+from capsx.train.interrupt import StopRequest
+from capsx.train.losses import LossTerms
+from capsx.train.metrics import EvalResult, all_right, predict
+from capsx.train.optim import build_optimizer, lr_factor, set_lr
 
 
 class Tracker(Protocol):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from capsx.device import synchronize
+from capsx.train.device import synchronize
 
 PROBE_BATCHES = (8, 40)
 MARGIN = 1.5  # allocator slack and fragmentation: measured peaks ranged 0.5x-1.0x of this scaled estimate

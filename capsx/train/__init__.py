@@ -1,0 +1,1 @@
+"""The training side: the loop, its checkpoints, devices, processes, memory pre-flight, losses, metrics."""
