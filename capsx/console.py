@@ -1,8 +1,10 @@
-"""Everything the CLI shows: the progress bar, tables and the one-line errors (Rich)."""
+"""Everything the CLI shows: the progress bar, every table and the one-line errors (Rich)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
@@ -10,8 +12,15 @@ from rich.table import Table
 from rich.text import Text
 
 from capsx.paper import CheckRow
-from capsx.train.loop import EpochTotals
 from capsx.train.metrics import EvalResult
+from capsx.train.state import EpochTotals
+
+if TYPE_CHECKING:
+    from capsx.jobs.bench import BenchResult
+    from capsx.jobs.ensemble import EnsembleResult
+    from capsx.recipe import Recipe
+    from capsx.summary import ModelSummary
+    from capsx.train.loop import FitResult
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -126,3 +135,104 @@ def paper_check_table(title: str, rows: Sequence[CheckRow]) -> Table:
         table.add_row(n.metric, f"{n.value:g}%", f"{n.band[0]:g}-{n.band[1]:g}%", f"{r.measured:.2f}%", verdict,
                       n.source)
     return table
+
+
+def fit_summary_table(recipe: Recipe, result: FitResult, run_id: str, run_dir: Path) -> Table:
+    """How a training ended: epochs and steps, final and best test error, speed, wall time, where it is."""
+    s = result.state
+    rows = [("run", run_id), ("epochs", f"{s.epoch}/{recipe.train.epochs}" +
+                              (" (early stop)" if result.stopped_early else "")), ("steps", f"{s.global_step:,}")]
+    if result.final is not None:
+        rows += [("final test error", f"{100 * result.final.error:.2f}%"),
+                 ("final test accuracy", f"{100 * result.final.accuracy:.2f}%")]
+    if s.best_error is not None:
+        rows.append(("best test error", f"{100 * s.best_error:.2f}% (epoch {s.best_epoch})"))
+    if s.history:
+        last = s.history[-1]
+        rows.append(("train images/s", f"{last['time/images_per_s']:.1f} (last epoch)"))
+    rows += [("wall time", f"{result.seconds:.1f} s"), ("run dir", str(run_dir))]
+    return key_value_table(f"{recipe.name}: done", rows)
+
+
+def evaluation_table(title: str, checkpoint: Path, run_id: str | None, epoch: int, result: EvalResult) -> Table:
+    return key_value_table(title, [
+        ("checkpoint", str(checkpoint)), ("run", str(run_id)), ("epochs trained", str(epoch)),
+        ("test images", f"{result.images:,}"), ("test error", f"{100 * result.error:.2f}%"),
+        ("test accuracy", f"{100 * result.accuracy:.2f}%"), ("test loss", f"{result.loss:.4f}"),
+        *([("objects found", f"{100 * result.object_accuracy:.2f}% (an image is right only if all are)")]
+          if result.whole is not None else []),
+    ])
+
+
+def ensemble_table(title: str, labels: Sequence[str], result: EnsembleResult) -> Table:
+    """Each member alone, the members' mean, and the ensemble (mean class probabilities)."""
+    table = Table(title=title, title_justify="left")
+    for col in ("model", "test error", "test accuracy"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for label, alone in zip(labels, result.members, strict=True):
+        table.add_row(label, f"{100 * alone.error:.2f}%", f"{100 * alone.accuracy:.2f}%")
+    errors = [alone.error for alone in result.members]
+    mean = sum(errors) / len(errors)
+    table.add_row("[dim]members' mean[/]", f"[dim]{100 * mean:.2f}%[/]", f"[dim]{100 * (1 - mean):.2f}%[/]")
+    table.add_row("[bold]ensemble[/] (mean class probabilities)", f"[bold]{100 * result.ensemble.error:.2f}%[/]",
+                  f"[bold]{100 * result.ensemble.accuracy:.2f}%[/]")
+    return table
+
+
+def sweep_table(title: str, name: str, values: Sequence[float], results: dict[str, Sequence[float]]) -> Table:
+    """A row per value of the sweep, a column of accuracies per run."""
+    table = Table(title=title, title_justify="left")
+    table.add_column(name, justify="right")
+    for label in results:
+        table.add_column(label, justify="right")
+    for i, value in enumerate(values):
+        table.add_row(f"{value:g}", *(f"{100 * accs[i]:.2f}%" for accs in results.values()))
+    return table
+
+
+def summary_tables(title: str, s: ModelSummary, layers: Sequence[str]) -> list[Table]:
+    """`capsx summary`: a row per layer (type, output shape, parameters), then the totals."""
+    table = Table(title=title, title_justify="left")
+    for col in ("layer", "type", "output shape", "params"):
+        table.add_column(col, justify="right" if col in ("output shape", "params") else "left")
+    for row in s.layers:
+        table.add_row(row.name, row.kind, "(" + ", ".join(map(str, row.output_shape)) + ")", f"{row.params:,}")
+    rows = [("total parameters", f"{s.total_params:,} ({s.total_params / 1e6:.1f}M)"),
+            ("trainable", f"{s.trainable_params:,}")]
+    if s.decoder_params:
+        without = s.total_params - s.decoder_params
+        rows.append(("without the decoder", f"{without:,} ({without / 1e6:.1f}M)"))
+    rows.append(("forward cost", f"{s.forward_flops / 1e9:.2f} GFLOP per image "
+                                 f"(training about 3x: {3 * s.forward_flops / 1e9:.2f})"))
+    rows.append(("layers (model.freeze)", f"{len(layers)}: {', '.join(layers)}"))
+    return [table, key_value_table("totals", rows)]
+
+
+def bench_tables(title: str, res: BenchResult, rounds: int, gpu: bool) -> list[Table]:
+    """`capsx bench`: capsx against the reference (images/s, peak memory), then the arithmetic."""
+    out = res.as_json()
+
+    def mb(v: object) -> str:
+        return "-" if v is None else f"{v:,.0f} MB"
+
+    t = Table(title=f"{title}, {out['device']}, medians of {rounds} rounds", title_justify="left")
+    for col in ("", "capsx", "reference", "capsx / reference"):
+        t.add_column(col, justify="right" if col else "left")
+    t.add_row(f"train images/s (batch {res.batch})", f"{out['train_images_per_s']:.1f}",
+              f"{out['reference_train_images_per_s']:.1f}", f"{out['train_speedup']:.2f}x")
+    t.add_row(f"inference images/s (batch {res.infer_batch})", f"{out['infer_images_per_s']:.1f}",
+              f"{out['reference_infer_images_per_s']:.1f}", f"{out['infer_speedup']:.2f}x")
+    t.add_row(f"peak {'GPU memory (allocated)' if gpu else 'memory (RSS)'}, inference (batch {res.infer_batch})",
+              mb(out["peak_gpu_mb" if gpu else "peak_rss_mb"]),
+              mb(out["reference_peak_gpu_mb" if gpu else "reference_peak_rss_mb"]), "")
+    compute = key_value_table("compute", [
+        ("training cost (direct convolutions)", f"{res.train_flops_per_image / 1e9:.2f} GFLOP per image"),
+        ("achieved (capsx, training)", f"{out['gflops_achieved']:.0f} GFLOP/s effective: the direct "
+                                       "computation's FLOPs per second"),
+        ("matrix-product peak (same run)", f"{out['matmul_peak_gflops']:.0f} GFLOP/s ({out['matmul_peak_note']})"),
+        ("share of the peak", f"{out['percent_of_matmul_peak']:.0f}%"),
+        ("arithmetic capsx performs", f"{res.train_flops_computed_per_image / 1e9:.2f} GFLOP per image, "
+                                      f"{out['gflops_computed']:.0f} GFLOP/s"),
+        *([("torch.compile (first calls)", f"{res.compile_seconds:.1f} s")] if res.compile_seconds else []),
+    ])
+    return [t, compute]

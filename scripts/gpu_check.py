@@ -272,7 +272,7 @@ def _batch(recipe: Any, n: int, device: Any) -> tuple[Any, Any]:
 
 
 def _train_step(model: Any, criterion: Any, x: Any, y: Any, opt: Any, scaler: Any, precision: str) -> float:
-    from capsx.bench import train_step
+    from capsx.jobs.bench import train_step
 
     return float(train_step(model, criterion, x, y, opt, scaler, precision).item())
 
@@ -324,7 +324,7 @@ def child_memory(device: Any, rehearse: bool) -> list[Row]:
     batch-1000 inference; the rehearsal reads the process's peak RSS at small batches."""
     import torch
 
-    from capsx.bench import _peak_gpu, _peak_rss
+    from capsx.train.memory import peak_bytes
 
     recipe, model, criterion = _paper_model("capsnet", device)
     train_b, infer_b = (16, 100) if rehearse else (128, 1000)
@@ -336,7 +336,7 @@ def child_memory(device: Any, rehearse: bool) -> list[Row]:
     _train_step(model, criterion, x, y, opt, scaler, "fp32")  # Adam's state exists from the first step on
 
     def peak(fn: Callable[[], object]) -> int | None:
-        return _peak_gpu(fn, device) if device.type == "cuda" else _peak_rss(fn)
+        return peak_bytes(fn, device)
 
     what = "GPU memory (max_memory_allocated)" if device.type == "cuda" else "RSS above start (CPU rehearsal)"
     rows = []

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from capsx.errors import RunError
 from capsx.recipe import recipe_from_dict
 from capsx.track.tracker import Tracker
-from capsx.train.checkpoint import load_checkpoint, save_checkpoint
+from capsx.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from capsx.train.device import resolve_device
 from capsx.train.loop import Interrupted, QuietReporter, Run, fit, load_model
 from tests.conftest import tiny_recipe
@@ -36,13 +36,12 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     recipe = recipe_from_dict(tiny_recipe(), "t")
     result = fit(recipe, _run(tmp_path, "a", _NoTracking()))
     for path in (result.best_checkpoint, result.last_checkpoint):
-        payload = load_checkpoint(path)
-        again, model = load_model(payload, torch.device("cpu"))
+        again, model = load_model(Checkpoint.read(path), torch.device("cpu"))
         assert again == recipe
         x = torch.rand(4, 1, 28, 28)
         model.eval()
         # rebuild the trained model from scratch and load the same file twice: same outputs, bit for bit
-        _, model2 = load_model(load_checkpoint(path), torch.device("cpu"))
+        _, model2 = load_model(Checkpoint.read(path), torch.device("cpu"))
         model2.eval()
         with torch.no_grad():
             assert torch.equal(model(x).scores, model2(x).scores)
@@ -121,7 +120,7 @@ def test_resume_after_ctrl_c_mid_epoch_is_bit_identical(tmp_path, model):
     assert stop.value.signum == signal.SIGINT and stop.value.state.global_step == 7
     payload = load_checkpoint(stop.value.checkpoint)
     resumed = Tracker.attach(uri, payload["run_id"], reopen=True)
-    b = fit(recipe, _run(tmp_path, "b2", resumed), resume=payload)
+    b = fit(recipe, _run(tmp_path, "b2", resumed), resume=Checkpoint.read(stop.value.checkpoint))
 
     wa, wb = load_checkpoint(a.last_checkpoint)["model"], load_checkpoint(b.last_checkpoint)["model"]
     assert wa.keys() == wb.keys()

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from capsx.cli import app
 from capsx.data import Batches
 from capsx.data.imageset import ImageSet
-from capsx.ensemble import Member, class_probabilities, evaluate_ensemble
+from capsx.jobs.ensemble import Member, class_probabilities, evaluate_ensemble
 from capsx.models import ModelOutput
 from capsx.recipe import recipe_from_dict
-from capsx.train.checkpoint import load_checkpoint
+from capsx.train.checkpoint import Checkpoint
 from capsx.train.loop import load_model
 from tests.conftest import tiny_recipe
 
@@ -97,8 +97,8 @@ def test_seeds_are_evaluated_as_an_ensemble_that_a_plain_recomputation_matches(w
     # the same number, plainly: both best checkpoints, softmax, mean, argmax over the test split
     probs, labels = [], None
     for child in children:
-        payload = load_checkpoint(next((workdir / "runs").glob(f"*/{child.info.run_id}/checkpoints/best.pt")))
-        rec, model = load_model(payload, torch.device("cpu"))
+        best = next((workdir / "runs").glob(f"*/{child.info.run_id}/checkpoints/best.pt"))
+        rec, model = load_model(Checkpoint.read(best), torch.device("cpu"))
         test = rec.data.load_splits(workdir).test
         x = test.images.float() / 255
         with torch.no_grad():

@@ -127,11 +127,15 @@ def test_the_tracking_process_logs_exactly_what_it_is_given_and_says_why_when_it
     process = TrackerProcess().attach(uri, run_id)
     process.log_image(image, key="perturb/class0", step=3)
     process.log_metrics({"recon/mean_sse": 29.25}, step=3)
-    assert process.close() == 2 and process.close() == 2  # idempotent
+    plot = tmp_path / "sweep-rotate.png"
+    plot.write_bytes(b"a saved picture")
+    process.log_artifact(plot, "sweep")
+    assert process.close() == 3 and process.close() == 3  # idempotent
     client = MlflowClient(uri)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "recon/mean_sse")] == [(3, 29.25)]
     (png,) = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     assert "perturb~class0" in png
+    assert [a.path for a in client.list_artifacts(run_id, "sweep")] == ["sweep/sweep-rotate.png"]
     from PIL import Image
 
     logged = np.asarray(Image.open(client.download_artifacts(run_id, png, str(tmp_path / "dl"))))

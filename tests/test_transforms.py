@@ -6,7 +6,7 @@ import torch
 from capsx.data import Batches
 from capsx.data.mnist import MNISTConfig
 from capsx.data.transforms import affine_matrices, centre_on_canvas, ink_box, translate, warp
-from capsx.sweep import apply_transform, parse_sweep
+from capsx.jobs.sweep import apply_transform, parse_sweep
 from tests.conftest import write_mnist
 from tests.test_data import _shift_reference
 

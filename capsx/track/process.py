@@ -30,6 +30,8 @@ class TrackerProcess:
     """log_image / log_metrics of an existing MLflow run, applied by a child process; `close()` waits for
     it and raises its error (a store that does not answer, a run that is not there) as a CapsxError."""
 
+    active = True
+
     def __init__(self) -> None:
         self.uri, self.run_id = "", ""
         self._scratch = tempfile.TemporaryDirectory(prefix="capsx-log-")
@@ -51,6 +53,10 @@ class TrackerProcess:
         path = Path(self._scratch.name) / f"{self._sent}.npy"
         np.save(path, image)  # exact: the child logs the very array
         self._send({"op": "image", "path": str(path), "key": key, "step": step})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file that stays where it is until the child has read it (a run's picture)."""
+        self._send({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._send({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": step})
@@ -112,6 +118,8 @@ def _serve() -> int:
                 tracker.log_image(np.load(call["path"]), key=call["key"], step=call["step"])
             elif call["op"] == "metrics":
                 tracker.log_metrics(call["metrics"], step=call["step"])
+            elif call["op"] == "artifact":
+                tracker.log_artifact(Path(call["path"]), call["artifact_path"])
             applied += 1
     except CapsxError as e:
         print(f"error: {e}", flush=True)

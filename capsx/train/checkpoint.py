@@ -1,5 +1,5 @@
-"""Checkpoints: plain dicts of tensors and Python values, written atomically and
-read with `torch.load(weights_only=True)`, so a file can never run code."""
+"""Checkpoints: on disk, plain dicts of tensors and Python values, written atomically and read with
+`torch.load(weights_only=True)`, so a file can never run code; in the code, a typed `Checkpoint`."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import os
 import pickle
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from capsx.errors import RunError
+from capsx.train.state import TrainState
 
 FORMAT = "capsx.checkpoint"
 VERSION = 1
@@ -63,3 +66,49 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if payload.get("version") != VERSION:
         raise RunError(f"{path}: checkpoint version {payload.get('version')!r}; this capsx reads {VERSION}")
     return payload
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint: the recipe a run was trained as, its weights and loop state; a resumable one
+    (last.pt) also the optimizer, gradient scaler and RNG states."""
+
+    recipe: dict[str, Any]  # as trained; validated when the model is rebuilt (`loop.load_model`)
+    model: dict[str, Tensor]
+    state: TrainState = field(default_factory=TrainState)
+    run_id: str | None = None  # its MLflow run (a local id when trained with tracking off)
+    optimizer: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None  # this process's RNG states
+    rng_ranks: list[dict[str, Any]] | None = None  # every process's, for a data-parallel run
+    path: Path | None = None  # where it was read from
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed when it was written."""
+        return self.state.epoch
+
+    @property
+    def resumable(self) -> bool:
+        return self.optimizer is not None and self.scaler is not None and self.rng is not None
+
+    @classmethod
+    def read(cls, path: Path) -> Checkpoint:
+        payload = load_checkpoint(path)
+        for key in ("recipe", "model"):
+            if not isinstance(payload.get(key), dict):
+                raise RunError(f"{path}: a capsx checkpoint without its {key!r} (the file is damaged)")
+        try:
+            state = TrainState.from_dict(payload["state"]) if payload.get("state") else TrainState()
+        except (TypeError, AttributeError) as e:
+            raise RunError(f"{path}: its training state is not one capsx writes ({e})") from None
+        return cls(payload["recipe"], payload["model"], state,
+                   payload.get("run_id"), payload.get("optimizer"), payload.get("scaler"), payload.get("rng"),
+                   payload.get("rng_ranks"), path)
+
+    def write(self, path: Path) -> Path:
+        payload: dict[str, Any] = {"recipe": self.recipe, "run_id": self.run_id, "model": self.model,
+                                   "state": self.state.to_dict()}
+        payload.update({k: v for k, v in (("optimizer", self.optimizer), ("scaler", self.scaler),
+                                          ("rng", self.rng), ("rng_ranks", self.rng_ranks)) if v is not None})
+        return save_checkpoint(path, payload)

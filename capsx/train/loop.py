@@ -9,11 +9,12 @@ continues exactly as if it had not stopped.
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,16 +28,19 @@ from capsx.models import ModelOutput, build_model
 from capsx.models.transfer import prepare_transfer
 from capsx.recipe import Recipe
 from capsx.train import memory
-from capsx.train.checkpoint import save_checkpoint
+from capsx.train.checkpoint import Checkpoint
 from capsx.train.device import autocast, cpu_has_bf16_units, eval_mode
 from capsx.train.distributed import SINGLE, Group, per_process_batch
 from capsx.train.interrupt import StopRequest
 from capsx.train.losses import LossTerms
-from capsx.train.metrics import EvalResult, all_right, predict
+from capsx.train.metrics import EvalResult, predict
 from capsx.train.optim import build_optimizer, lr_factor, set_lr
+from capsx.train.state import EpochTotals, TrainState
 
 
-class Tracker(Protocol):
+class RunLog(Protocol):
+    """What the loop logs to: an MLflow run (`track.tracker.Tracker`), or none (`NullTracker`)."""
+
     run_id: str
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -65,67 +69,6 @@ class Criterion(Protocol):
 
 
 @dataclass
-class EpochTotals:
-    """Running sums over the training steps of one epoch."""
-
-    steps: int = 0
-    images: int = 0
-    correct: int = 0
-    sums: dict[str, float] = field(default_factory=dict)  # per-image loss terms, summed
-    seconds: float = 0.0
-    data_seconds: float = 0.0  # time spent waiting for batches
-
-    def add(self, terms: LossTerms, out: ModelOutput, labels: torch.Tensor) -> float:
-        """Accumulate one step; returns the step's mean loss."""
-        n = len(labels)
-        loss = terms.total.item()
-        self.sums["loss"] = self.sums.get("loss", 0.0) + loss * n
-        for name, per_sample in terms.parts.items():
-            self.sums[name] = self.sums.get(name, 0.0) + per_sample.detach().float().sum().item()
-        self.correct += int(all_right(labels, predict(out, labels)).sum())
-        self.images += n
-        self.steps += 1
-        return loss
-
-    def reduced(self, group: Group) -> EpochTotals:
-        """The sums over every process (time is this process's: they run in step)."""
-        names = sorted(self.sums)
-        values = group.sum_floats([self.images, self.correct, *(self.sums[k] for k in names)])
-        return EpochTotals(self.steps, int(values[0]), int(values[1]), dict(zip(names, values[2:], strict=True)),
-                           self.seconds, self.data_seconds)
-
-    def mean(self, name: str) -> float:
-        return self.sums.get(name, 0.0) / max(1, self.images)
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / max(1, self.images)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # the epoch in progress (0-based)
-    epoch_step: int = 0  # steps of `epoch` already taken
-    global_step: int = 0
-    best_error: float | None = None
-    best_epoch: int | None = None
-    bad_epochs: int = 0  # epochs since the best test error (early stopping)
-    totals: EpochTotals = field(default_factory=EpochTotals)
-    history: list[dict[str, float]] = field(default_factory=list)  # one row of metrics per epoch
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        return cls(**{**d, "totals": EpochTotals(**d["totals"])})
-
-
-@dataclass
 class FitResult:
     state: TrainState
     final: EvalResult | None
@@ -150,27 +93,117 @@ class Run:
     device: torch.device
     data_root: Path
     run_dir: Path
-    tracker: Tracker
+    tracker: RunLog
     reporter: Reporter = field(default_factory=QuietReporter)
     group: Group = SINGLE  # the processes training together (one, unless under torchrun)
 
 
-def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
+def fit(recipe: Recipe, run: Run, resume: Checkpoint | None = None,
         splits: DataSplits | None = None) -> FitResult:
-    """Train `recipe` to the end (or early stop); resume from a checkpoint payload if given.
+    """Train `recipe` to the end (or early stop); resume from a checkpoint if given.
     `splits`: the recipe's data, if the caller loaded it already."""
     t_start = time.perf_counter()
-    cfg = recipe.train
+    t = _build(recipe, run, resume, splits)
+    cfg, state, group = recipe.train, t.state, run.group
+    last_path: Path | None = None
+    best_path: Path | None = None
+    final: EvalResult | None = None
+    stopped_early = False
+    with StopRequest() as stop:
+        while state.epoch < cfg.epochs:
+            run.reporter.epoch_start(state.epoch, cfg.epochs, len(t.train_batches), state.epoch_step)
+            if not train_one_epoch(t.net, t.train_batches, t.step, state, run, log_every=cfg.log_every,
+                                   should_stop=lambda: group.any(stop.requested), last_good=last_path):
+                # every process stops after the same step; one that got no signal was told by another
+                raise Interrupted(stop.signal or signal.SIGTERM, t.checkpoint("last.pt"), state)
+            final = evaluate(t.model, t.test_batches, t.step.criterion, precision=cfg.precision, device=run.device,
+                             classes=t.classes, group=group)
+            metrics = t.epoch_metrics(final)
+            epoch = state.epoch + 1  # metrics of epoch k are logged at step k
+            run.tracker.log_metrics(metrics, step=epoch)
+            improved = state.end_epoch(metrics, final.error)
+            if improved and cfg.checkpoint.best:
+                best_path = t.checkpoint("best.pt", resumable=False)
+            if epoch % cfg.checkpoint.every == 0 or epoch == cfg.epochs:
+                last_path = t.checkpoint("last.pt")
+            run.reporter.epoch_end(epoch, metrics)
+            patience = cfg.early_stopping_patience
+            if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.epochs:
+                stopped_early = True
+                last_path = t.checkpoint("last.pt")
+                break
+    if best_path is None and (run.run_dir / "checkpoints" / "best.pt").is_file():
+        best_path = run.run_dir / "checkpoints" / "best.pt"  # written before a resume
+    return FitResult(state, final, time.perf_counter() - t_start, stopped_early, last_path, best_path)
+
+
+@dataclass
+class Step:
+    """How one training step updates the model: loss, optimizer, gradient scaler, precision, learning rate."""
+
+    criterion: Criterion
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    precision: str
+    lr_at: Callable[[int], float]  # the learning rate at a global step
+
+
+@dataclass
+class Training:
+    """One training's parts, built once by `_build` and used by every epoch."""
+
+    recipe: Recipe
+    run: Run
+    model: nn.Module
+    net: nn.Module  # what the training step calls: the model, or DDP / torch.compile around it
+    step: Step
+    state: TrainState
+    train_batches: Batches
+    test_batches: Batches
+    classes: list[str]
+
+    def checkpoint(self, name: str, resumable: bool = True) -> Path:
+        """last.pt holds all a resume needs; best.pt only the weights (for eval, pictures, MLflow).
+        Every process calls it (the RNG states are gathered); rank 0 writes."""
+        group = self.run.group
+        ckpt = Checkpoint(self.recipe.to_dict(), self.model.state_dict(), self.state, self.run.tracker.run_id)
+        if resumable:
+            rng = group.gather(_get_rng_state())
+            ckpt.optimizer, ckpt.scaler = self.step.optimizer.state_dict(), self.step.scaler.state_dict()
+            ckpt.rng = rng[0]
+            ckpt.rng_ranks = rng if group.active else None
+        path = self.run.run_dir / "checkpoints" / name
+        return ckpt.write(path) if group.is_main else path
+
+    def epoch_metrics(self, final: EvalResult) -> dict[str, float]:
+        """What an epoch logs: training sums over every process, the test evaluation, time, diagnostics."""
+        totals = self.state.totals.reduced(self.run.group)
+        diagnostics = (model_diagnostics(self.model, self.test_batches.data.head(DIAGNOSTIC_IMAGES).images)
+                       if self.run.group.is_main else {})
+        return {
+            "train/loss": totals.mean("loss"),
+            **{f"train/{k}": totals.mean(k) for k in totals.sums if k != "loss"},
+            "train/acc": totals.accuracy,
+            **final.as_metrics("test"),
+            "lr": self.step.lr_at(max(0, self.state.global_step - 1)),
+            "time/epoch_s": totals.seconds,
+            "time/images_per_s": totals.images_per_s,
+            "time/data_wait_frac": totals.data_seconds / max(1e-9, totals.seconds),
+            **diagnostics,
+        }
+
+
+def _build(recipe: Recipe, run: Run, resume: Checkpoint | None, splits: DataSplits | None) -> Training:
+    """The model (pretrained weights, frozen layers, lr groups; or the checkpoint's state), optimizer and
+    batches; the memory pre-flight, and a word first if an epoch will be long or bf16 slow."""
+    cfg, data_cfg, group = recipe.train, recipe.data, run.group
     torch.manual_seed(cfg.seed)
-    data_cfg = recipe.data
     splits = splits if splits is not None else data_cfg.load_splits(run.data_root)
-    group = run.group
     model = build_model(recipe.model, data_cfg.input_shape, len(data_cfg.classes), data_cfg.objects)
     # pretrained weights (not on a resume: the checkpoint has newer ones), frozen layers, lr groups
     transfer = prepare_transfer(model, recipe.model, data_cfg.input_shape, len(data_cfg.classes),
                                 load=resume is None)
     model.to(run.device)  # parameters keep their identity, so the groups still hold them
-    criterion: Criterion = recipe.loss_config
     optimizer = build_optimizer(transfer.param_groups, recipe.optimizer)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
     state = TrainState()
@@ -179,126 +212,54 @@ def fit(recipe: Recipe, run: Run, resume: dict[str, Any] | None = None,
                                 "data.train_examples": len(splits.train), "data.test_examples": len(splits.test),
                                 **transfer.params()})
     else:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        state = TrainState.from_dict(resume["state"])
-        per_rank = resume.get("rng_ranks")
-        _set_rng_state(per_rank[group.rank] if per_rank and len(per_rank) == group.world else resume["rng"])
-
-    local_batch = per_process_batch(data_cfg.batch_size, group.world)
+        state = _restore(resume, model, optimizer, scaler, group)
     if group.is_main and cfg.precision == "bf16" and run.device.type == "cpu" and cpu_has_bf16_units() is False:
         run.reporter.warn(BF16_WITHOUT_UNITS)
-    step_batch = min(local_batch, len(splits.train))
-    probe = check_memory(model, criterion, data_cfg.input_shape, recipe.optimizer.name, run.device, step_batch,
-                         data_cfg.objects)
+    step_batch = min(per_process_batch(data_cfg.batch_size, group.world), len(splits.train))
+    probe = check_memory(model, recipe.loss_config, data_cfg.input_shape, recipe.optimizer.name, run.device,
+                         step_batch, data_cfg.objects)
     train_batches = Batches(splits.train.to(run.device), data_cfg.batch_size, shuffle=True, seed=cfg.seed,
                             shift=data_cfg.train_shift, crop=data_cfg.augment.crop,
                             max_steps=cfg.max_steps_per_epoch, rank=group.rank, world=group.world)
     test_batches = Batches(splits.test.to(run.device), data_cfg.eval_batch_size, rank=group.rank,
                            world=group.world)
-    net: nn.Module = model  # what the training step calls: the model, or DDP / torch.compile around it
+    net: nn.Module = model
     if group.active:
         net = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)  # type: ignore[assignment]
-    total_steps = len(train_batches) * cfg.epochs
     epoch_seconds = probe.step_seconds(step_batch) * len(train_batches)
     if group.is_main and epoch_seconds > LONG_EPOCH_SECONDS and state.epoch < cfg.epochs:
         run.reporter.warn(long_epoch_advice(epoch_seconds, len(train_batches), data_cfg.batch_size,
                                             run.device, cfg.precision))
+    total_steps = len(train_batches) * cfg.epochs
 
     def lr_at(step: int) -> float:
         return recipe.optimizer.lr * lr_factor(recipe.schedule, step, total_steps)
 
-    def checkpoint(name: str, resumable: bool = True) -> Path:
-        """last.pt holds all a resume needs; best.pt only the weights (for eval, pictures, MLflow).
-        Every process calls it (the RNG states are gathered); rank 0 writes."""
-        path = run.run_dir / "checkpoints" / name
-        payload = {"recipe": recipe.to_dict(), "run_id": run.tracker.run_id, "model": model.state_dict(),
-                   "state": state.to_dict()}
-        if resumable:
-            rng = group.gather(_get_rng_state())
-            payload.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng[0])
-            if group.active:
-                payload["rng_ranks"] = rng
-        return save_checkpoint(path, payload) if group.is_main else path
-
-    last_path: Path | None = None
-    best_path: Path | None = None
-    final: EvalResult | None = None
-    stopped_early = False
-    with StopRequest() as stop:
-        while state.epoch < cfg.epochs:
-            run.reporter.epoch_start(state.epoch, cfg.epochs, len(train_batches), state.epoch_step)
-            done = train_one_epoch(net, train_batches, criterion, optimizer, scaler, state, lr_at,
-                                   precision=cfg.precision, device=run.device,
-                                   should_stop=lambda: group.any(stop.requested),
-                                   reporter=run.reporter, tracker=run.tracker, log_every=cfg.log_every,
-                                   last_good=last_path, group=group)
-            if not done:  # every process stops after the same step; one that got no signal was told by another
-                raise Interrupted(stop.signal or signal.SIGTERM, checkpoint("last.pt"), state)
-
-            final = evaluate(model, test_batches, criterion, precision=cfg.precision, device=run.device,
-                             classes=splits.classes, group=group)
-            totals = state.totals.reduced(group)
-            metrics = {
-                "train/loss": totals.mean("loss"),
-                **{f"train/{k}": totals.mean(k) for k in totals.sums if k != "loss"},
-                "train/acc": totals.accuracy,
-                **final.as_metrics("test"),
-                "lr": lr_at(max(0, state.global_step - 1)),
-                "time/epoch_s": totals.seconds,
-                "time/images_per_s": totals.images_per_s,
-                "time/data_wait_frac": totals.data_seconds / max(1e-9, totals.seconds),
-                **(model_diagnostics(model, test_batches.data.head(DIAGNOSTIC_IMAGES).images) if group.is_main
-                   else {}),
-            }
-            epoch = state.epoch + 1  # metrics of epoch k are logged at step k
-            run.tracker.log_metrics(metrics, step=epoch)
-            state.history.append({"epoch": epoch, **metrics})
-            improved = state.best_error is None or final.error < state.best_error
-            if improved:
-                state.best_error, state.best_epoch, state.bad_epochs = final.error, epoch, 0
-            else:
-                state.bad_epochs += 1
-            state.epoch, state.epoch_step, state.totals = epoch, 0, EpochTotals()
-            if improved and cfg.checkpoint.best:
-                best_path = checkpoint("best.pt", resumable=False)
-            if epoch % cfg.checkpoint.every == 0 or epoch == cfg.epochs:
-                last_path = checkpoint("last.pt")
-            run.reporter.epoch_end(epoch, metrics)
-            patience = cfg.early_stopping_patience
-            if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.epochs:
-                stopped_early = True
-                last_path = checkpoint("last.pt")
-                break
-    if best_path is None and (run.run_dir / "checkpoints" / "best.pt").is_file():
-        best_path = run.run_dir / "checkpoints" / "best.pt"  # written before a resume
-    return FitResult(state, final, time.perf_counter() - t_start, stopped_early, last_path, best_path)
+    step = Step(recipe.loss_config, optimizer, scaler, cfg.precision, lr_at)
+    return Training(recipe, run, model, net, step, state, train_batches, test_batches, splits.classes)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    batches: Batches,
-    criterion: Criterion,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    state: TrainState,
-    lr_at: Any,
-    *,
-    precision: str,
-    device: torch.device,
-    should_stop: Callable[[], bool],
-    reporter: Reporter,
-    tracker: Tracker,
-    log_every: int,
-    last_good: Path | None,
-    group: Group = SINGLE,
-) -> bool:
+def _restore(resume: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, group: Group) -> TrainState:
+    """Weights, optimizer, scaler and this process's RNG from a resumable checkpoint; its loop state."""
+    if not resume.resumable:
+        raise CapsxError(f"{resume.path}: holds weights only; --resume needs a run's last.pt")
+    assert resume.optimizer is not None and resume.scaler is not None and resume.rng is not None
+    model.load_state_dict(resume.model)
+    optimizer.load_state_dict(resume.optimizer)
+    scaler.load_state_dict(resume.scaler)
+    per_rank = resume.rng_ranks
+    _set_rng_state(per_rank[group.rank] if per_rank and len(per_rank) == group.world else resume.rng)
+    return copy.deepcopy(resume.state)
+
+
+def train_one_epoch(net: nn.Module, batches: Batches, step: Step, state: TrainState, run: Run, *,
+                    log_every: int, should_stop: Callable[[], bool], last_good: Path | None) -> bool:
     """Train from `state.epoch_step` to the end of `state.epoch`. False if a stop was requested
     (`should_stop()` is asked after every step, by every process)."""
-    model.train()
+    net.train()
     totals = state.totals
     batch_iter = batches.epoch(state.epoch, start_step=state.epoch_step)
     while True:
@@ -308,15 +269,15 @@ def train_one_epoch(
         if batch is None:
             return True
         images, labels, targets = batch
-        lr = lr_at(state.global_step)
-        set_lr(optimizer, lr)
-        with autocast(device, precision):
-            out = model(images, labels)
-            terms = criterion(out, targets, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms.total).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        lr = step.lr_at(state.global_step)
+        set_lr(step.optimizer, lr)
+        with autocast(run.device, step.precision):
+            out = net(images, labels)
+            terms = step.criterion(out, targets, labels)
+        step.optimizer.zero_grad(set_to_none=True)
+        step.scaler.scale(terms.total).backward()
+        step.scaler.step(step.optimizer)
+        step.scaler.update()
         loss = totals.add(terms, out, labels)
         if not math.isfinite(loss):
             kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
@@ -328,9 +289,9 @@ def train_one_epoch(
         totals.seconds += t2 - t0
         totals.data_seconds += t1 - t0
         if state.global_step % log_every == 0:
-            mean_loss = group.sum_floats([loss])[0] / group.world  # the global batch's loss
-            tracker.log_metrics({"train/step_loss": mean_loss, "train/step_lr": lr}, step=state.global_step)
-        reporter.step(totals, lr)
+            mean_loss = run.group.sum_floats([loss])[0] / run.group.world  # the global batch's loss
+            run.tracker.log_metrics({"train/step_loss": mean_loss, "train/step_lr": lr}, step=state.global_step)
+        run.reporter.step(totals, lr)
         if should_stop():
             return False
 
@@ -425,14 +386,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_model(payload: dict[str, Any], device: torch.device) -> tuple[Recipe, nn.Module]:
+def load_model(ckpt: Checkpoint, device: torch.device) -> tuple[Recipe, nn.Module]:
     """Rebuild the model a checkpoint was trained as, with its weights."""
     from capsx.recipe import recipe_from_dict
 
-    recipe = recipe_from_dict(payload["recipe"], source="checkpoint recipe")
+    recipe = recipe_from_dict(ckpt.recipe, source=f"{ckpt.path or 'checkpoint'}: its recipe")
     model = build_model(recipe.model, recipe.data.input_shape, len(recipe.data.classes), recipe.data.objects)
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(ckpt.model)
     except RuntimeError as e:
         raise RunError(f"checkpoint weights do not fit model {recipe.model.name!r}: "
                        f"{str(e).splitlines()[0]}") from None

@@ -82,6 +82,26 @@ def _cpu_probe() -> tuple[Callable[[], None], Callable[[], int]] | None:
     return reset, read
 
 
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak memory while `fn` runs: the allocator's peak on CUDA (what the tensors need, not the cache's),
+    the growth of the resident size on a Linux CPU; None where neither can be read (then `fn` still runs)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    probe = _cpu_probe() if device.type == "cpu" else None
+    if probe is None:
+        fn()
+        return None
+    reset, read = probe
+    reset()
+    start = _status_kib("VmRSS") * 1024
+    fn()
+    return read() - start
+
+
 def _step(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], batch: int,
           device: torch.device, objects: int) -> None:
     x = torch.rand(batch, *input_shape, device=device)

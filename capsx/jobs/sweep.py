@@ -1,4 +1,4 @@
-"""Accuracy as a curve over one transform of the test set (`capsx eval --sweep`):
+"""`capsx eval --sweep`: accuracy as a curve over one transform of the test set:
 how far a model's accuracy holds as the digits turn, grow, lean or move.
 
 A sweep spec is `NAME=START:STOP:STEP` (STOP included when the steps land on
@@ -9,13 +9,21 @@ image centre (bilinear, zero outside), the same for every model compared.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from capsx.console import console, sweep_table
+from capsx.data import Batches, ImageSet
 from capsx.data.transforms import affine_matrices, warp
 from capsx.errors import CapsxError
+from capsx.jobs.context import Context
+from capsx.jobs.pictures import Gallery
+from capsx.jobs.trained import TrainedRun, open_run
+from capsx.pictures import curves
+from capsx.train.loop import evaluate
 
 MAX_POINTS = 1000
 
@@ -88,3 +96,42 @@ def apply_transform(images: Tensor, name: str, value: float) -> Tensor:
         "shift": (zero, one, zero, full, zero),
     }[name]
     return warp(images, affine_matrices(*params))
+
+
+def run_sweep(refs: list[str], spec: SweepSpec, ctx: Context, *, images: int | None) -> dict[str, Sequence[float]]:
+    """Accuracy of each run over the sweep's values, on its own test split; a Rich table, an MLflow
+    metric series per run (`sweep/<name>/acc` and `sweep/<name>/value`, step = the value's index)
+    and one plot of every run's curve, saved beside each run and logged to it."""
+    trained = [open_run(ref, ctx) for ref in refs]
+    galleries = [Gallery(t, ctx) for t in trained]
+    results: dict[str, Sequence[float]] = {}
+    for t, out in zip(trained, galleries, strict=True):
+        label = f"{t.recipe.name} ({t.recipe.model.name}, {str(t.run_id or t.path.stem)[:8]})"
+        results[label] = _accuracies(t, out, spec, images, label)
+    console.print(sweep_table(f"test accuracy under {spec.name} ({spec.transform.unit})", spec.name, spec.values,
+                              results))
+    picture = curves.accuracy_curves(f"accuracy under {spec.name}", f"{spec.name} ({spec.transform.unit})",
+                                     spec.values, results)
+    for t, out in zip(trained, galleries, strict=True):
+        path = out.publish_file(picture, f"sweep-{spec.name}.png", "sweep")
+        console.print(f"  wrote {path}", soft_wrap=True)
+        if out.tracker.active:
+            console.print(f"[dim]logged to run {t.run_id}[/]")
+    return results
+
+
+def _accuracies(t: TrainedRun, out: Gallery, spec: SweepSpec, images: int | None, label: str) -> list[float]:
+    """One run's accuracy at each value of the sweep, each logged as it is measured."""
+    test = t.test_set()
+    if images is not None:
+        test = test.subset(images)
+    accuracies = []
+    for i, value in enumerate(spec.values):
+        moved = ImageSet(apply_transform(test.images, spec.name, value), test.labels)
+        result = evaluate(t.model, Batches(moved.to(t.device), t.recipe.data.eval_batch_size), t.recipe.loss_config,
+                          precision=t.recipe.train.precision, device=t.device, classes=t.classes)
+        accuracies.append(result.accuracy)
+        out.tracker.log_metrics({f"sweep/{spec.name}/acc": result.accuracy, f"sweep/{spec.name}/value": value},
+                                step=i)
+        console.print(f"  {label}: {spec.name} {value:g} -> {100 * result.accuracy:.2f}%", style="dim")
+    return accuracies

@@ -12,12 +12,11 @@ the allocator's peak (max_memory_allocated), not the process's RSS.
 
 from __future__ import annotations
 
-import ctypes
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,7 +26,9 @@ from capsx.errors import CapsxError
 from capsx.models.capsnet import CapsNet
 from capsx.models.reference import ReferenceCapsNet
 from capsx.recipe import Recipe
+from capsx.track.tracker import Tracker
 from capsx.train.device import autocast, describe_device, synchronize
+from capsx.train.memory import peak_bytes
 
 
 @dataclass
@@ -170,31 +171,41 @@ def _infer_rate(model: nn.Module, x: torch.Tensor, precision: str) -> float:
     return len(x) / (time.perf_counter() - t)
 
 
-def _peak_gpu(fn: Callable[[], object], device: torch.device) -> int:
-    """The allocator's peak bytes on `device` while `fn` runs (what the tensors need, not the cache's)."""
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device))
+def _costs(fast: CapsNet, ref: ReferenceCapsNet, criterion: Callable, x: torch.Tensor, y: torch.Tensor,
+           device: torch.device) -> tuple[float, float, float]:
+    """FLOPs per image: of a training step and an inference as the paper computes them (direct convolutions),
+    counted on the reference on the CPU (the same architecture everywhere), and of the arithmetic capsx's
+    training step performs at the full batch on `device` (its frequency-domain PrimaryCaps, CPU only, does
+    fewer multiply-adds for the same layer; its GFLOP/s is the rate it delivers the direct computation's
+    work at, an effective rate). Moves both models to `device`."""
+    def train_step() -> None:
+        criterion(ref(x[:1], y[:1]), x[:1], y[:1]).total.backward()
+
+    train_flops = _flops(train_step)
+    infer_flops = _flops(lambda: ref.eval()(x[:1]))
+    ref.zero_grad(set_to_none=True)
+    fast.to(device)
+    ref.to(device)
+    xd, yd = x.to(device), y.to(device)
+
+    def fast_train_step() -> None:  # at the full batch, on the device: which algorithm runs depends on both
+        criterion(fast(xd, yd), xd, yd).total.backward()
+
+    computed_flops = _flops(fast_train_step) / len(x)  # the same algorithm as under bf16 autocast
+    fast.zero_grad(set_to_none=True)
+    return train_flops, infer_flops, computed_flops
 
 
-def _peak_rss(fn: Callable[[], object]) -> int | None:
-    """Peak resident bytes above the starting point while `fn` runs (Linux; None elsewhere)."""
-    status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
-
-    def kib(name: str) -> int:
-        return int(status.read_text().split(name + ":")[1].split()[0])
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand retained heap back, so the start is honest
-        clear.write_text("5")
-        start = kib("VmRSS")
-    except (OSError, AttributeError):
-        fn()
-        return None
-    fn()
-    return (kib("VmHWM") - start) * 1024
+def log_bench(result: BenchResult, recipe: Recipe, uri: str) -> None:
+    """A run in the MLflow experiment `bench`: the settings as params, every figure as a metric."""
+    out = result.as_json()
+    tracker = Tracker.start(uri, "bench", tags={"capsx.recipe": recipe.name, "capsx.host": platform.node(),
+                                               "capsx.torch": torch.__version__})
+    tracker.log_params({"batch": result.batch, "infer_batch": result.infer_batch, "precision": result.precision,
+                        "rounds": result.rounds, "threads": torch.get_num_threads(),
+                        "compile": result.compile_seconds is not None, "device": out["device"]})
+    tracker.log_metrics({k: float(v) for k, v in out.items() if isinstance(v, int | float)}, step=0)
+    tracker.end()
 
 
 def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, steps: int, precision: str,
@@ -216,25 +227,8 @@ def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, step
     x, y = torch.rand(batch, *shape), torch.randint(classes, (batch,))
     xi = torch.rand(infer_batch, *shape)
 
-    # FLOPs of the architecture as the paper computes it (direct convolutions), counted on the reference on
-    # the CPU (the same architecture everywhere): the fast path's frequency-domain PrimaryCaps (CPU only)
-    # does fewer multiply-adds for the same layer, and its GFLOP/s is the rate at which it delivers the
-    # direct computation's work (an effective rate).
-    def train_step() -> None:
-        criterion(ref(x[:1], y[:1]), x[:1], y[:1]).total.backward()
-
-    train_flops = _flops(train_step)
-    infer_flops = _flops(lambda: ref.eval()(x[:1]))
-    ref.zero_grad(set_to_none=True)
-    fast.to(device)
-    ref.to(device)
+    train_flops, infer_flops, computed_flops = _costs(fast, ref, criterion, x, y, device)
     x, y, xi = x.to(device), y.to(device), xi.to(device)
-
-    def fast_train_step() -> None:  # at the full batch, on the device: which algorithm runs depends on both
-        criterion(fast(x, y), x, y).total.backward()
-
-    computed_flops = _flops(fast_train_step) / batch  # the same algorithm as under bf16 autocast
-    fast.zero_grad(set_to_none=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     peak = matmul_peak_gflops(dtype, device=device)
     result = BenchResult(batch, infer_batch, precision, rounds, train_flops, infer_flops, computed_flops, peak,
@@ -261,8 +255,10 @@ def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, step
         def infer_once(m: nn.Module = model) -> None:
             _infer_rate(m, xi, precision)
 
-        if device.type == "cuda":
-            res.infer_peak_gpu_bytes = _peak_gpu(infer_once, device)
-        elif device.type == "cpu":
-            res.infer_peak_bytes = _peak_rss(infer_once)
+        if device.type in ("cuda", "cpu"):
+            peak_mem = peak_bytes(infer_once, device)
+            if device.type == "cuda":
+                res.infer_peak_gpu_bytes = peak_mem
+            else:
+                res.infer_peak_bytes = peak_mem
     return result

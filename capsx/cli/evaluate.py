@@ -1,0 +1,75 @@
+"""`capsx eval`: runs on their test split, an affNIST-style set, a sweep of a transform, or as one ensemble."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from capsx.cli.app import app, handles_errors
+from capsx.cli.options import DataRootOpt, RunsDirOpt, TrackingOpt, context
+from capsx.errors import CapsxError
+
+
+@app.command("eval")
+@handles_errors
+def eval_(
+    runs: Annotated[list[str] | None, typer.Argument(
+        help="MLflow run ids, 'latest', or checkpoint paths (several: a sweep compares them in one plot).",
+        show_default="latest")] = None,
+    dataset: Annotated[str, typer.Option(
+        "--dataset", help="test (the run's own test split), affnist (the real affNIST test set under "
+                          "<data root>/affNIST/) or affine-mnist (MNIST test digits under seeded random affine "
+                          "transforms in affNIST's ranges; 40x40).")] = "test",
+    check: Annotated[bool, typer.Option(
+        "--check", help="Compare with the paper's number in the recipe's `paper:` section; exit 1 outside "
+                        "its band.")] = False,
+    sweep: Annotated[str | None, typer.Option(
+        "--sweep", help="Accuracy over a transform of the test split: NAME=START:STOP:STEP with NAME rotate "
+                        "(degrees), scale, shear or shift (pixels), e.g. --sweep rotate=-45:45:5.")] = None,
+    images: Annotated[int | None, typer.Option(
+        "--images", help="Evaluate a seeded random subset of this many images (the same every time; with "
+                         "--sweep, per point).")] = None,
+    ensemble: Annotated[bool, typer.Option(
+        "--ensemble", help="Evaluate the runs as one classifier: the mean of their class probabilities "
+                           "(capsule lengths; a CNN's softmax or sigmoid), the paper's CIFAR-10 protocol. A "
+                           "`train --seeds` parent run stands for its seeds.")] = False,
+    data_root: DataRootOpt = None,
+    tracking_uri: TrackingOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    log: Annotated[bool, typer.Option("--log/--no-log", help="Log the results to the run in MLflow.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Test error, per-class accuracy and confusion matrix of trained runs; robustness sweeps; the paper check."""
+    refs = runs or ["latest"]
+    if images is not None and images < 1:
+        raise CapsxError(f"--images {images}: expected at least 1")
+    ctx = context(runs_dir, tracking_uri, data_root, track=log, device=device)
+    if ensemble:
+        from capsx.jobs.ensemble import run_ensemble
+
+        if sweep is not None:
+            raise CapsxError("--ensemble does not go with --sweep (a sweep compares the runs one by one)")
+        run_ensemble(refs, ctx, dataset=dataset, check=check, images=images)
+        return
+    if sweep is not None:
+        from capsx.jobs.sweep import parse_sweep, run_sweep
+
+        spec = parse_sweep(sweep)
+        if check or dataset != "test":
+            raise CapsxError("--sweep transforms each run's own test split; give it without --check and --dataset")
+        run_sweep(refs, spec, ctx, images=images)
+        return
+    from capsx.jobs.evaluation import run_evaluation
+    from capsx.paper import CheckFailed
+
+    failed: list[CheckFailed] = []
+    for ref in refs:
+        try:
+            run_evaluation(ref, ctx, dataset=dataset, check=check, images=images)
+        except CheckFailed as e:  # evaluate every run before saying which missed
+            failed.append(e)
+    if failed:
+        raise failed[0] if len(refs) == 1 else CheckFailed(f"{len(failed)} of {len(refs)} runs outside the "
+                                                           f"paper's band; first: {failed[0]}")

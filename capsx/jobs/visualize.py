@@ -1,0 +1,131 @@
+"""`capsx visualize`: inside a trained model: a conv layer's filters, a layer's activations, the routing's
+coupling coefficients, saliency maps, and the test images that drive a unit most."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from capsx.console import console
+from capsx.errors import CapsxError
+from capsx.jobs.pictures import Gallery, one_input
+from capsx.jobs.trained import TrainedRun
+from capsx.pictures import canvas, inside
+
+
+def run_filters(t: TrainedRun, out: Gallery, *, layer: str | None, in_channel: int | None) -> None:
+    name, conv = inside.get_layer(t.model, layer, "conv layer", convs_only=True)
+    assert isinstance(conv, nn.Conv2d)
+    kernels = inside.filter_images(conv, in_channel)
+    tiles = canvas.to_uint8(kernels, per_image=True)
+    cols = int(np.ceil(np.sqrt(len(tiles))))
+    scale = max(1, 48 // max(kernels.shape[-1], 1))
+    img = canvas.grid(list(tiles), cols, scale=scale)
+    how = (f"input channel {in_channel}" if in_channel is not None else
+           "mean |w| over input channels" if conv.in_channels not in (1, 3) else "each filter normalised")
+    img = canvas.caption_above(img, [f"{name}: {conv.out_channels} filters of {conv.kernel_size[0]}x"
+                                     f"{conv.kernel_size[1]} ({how})"])
+    out.publish(img, f"filters_{name}.png", key=f"filters/{name}")
+    out.report()
+
+
+def run_activations(t: TrainedRun, out: Gallery, *, layer: str | None, index: int, image: Path | None) -> None:
+    x, what, _ = one_input(t, index, image)
+    name, module = inside.get_layer(t.model, layer)
+    maps = inside.layer_output(t.model, module, x)[0]
+    if maps.dim() == 3:
+        fmap = maps / maps.max().clamp(min=1e-12)  # one scale for the layer: dead channels stay black
+        tiles = canvas.to_uint8(fmap)
+        cols = int(np.ceil(np.sqrt(len(tiles))))
+        img = canvas.grid(list(tiles), cols, scale=max(1, 56 // max(maps.shape[-1], 1)))
+        dead = int((maps.flatten(1).amax(dim=1) <= 0).sum())
+        img = canvas.caption_above(img, [f"{name} on {what}: {maps.shape[0]} channels "
+                                         f"({dead} dead: black), one scale for all"])
+        out.publish(img, f"activations_{name}.png", key=f"activations/{name}")
+    else:
+        console.print(f"[dim]{name} outputs {tuple(maps.shape)}, not feature maps; see the capsule lengths[/]")
+    if hasattr(t.model, "primary_grid"):
+        lengths = inside.primary_capsule_lengths(t.model, x)  # (types, gh, gw), already in [0, 1)
+        img = canvas.grid([canvas.heat(m) for m in lengths.cpu().numpy()], int(np.ceil(np.sqrt(len(lengths)))),
+                          scale=8)
+        img = canvas.caption_above(img, [f"primary capsule lengths on {what}: {lengths.shape[0]} types over "
+                                         f"the {lengths.shape[1]}x{lengths.shape[2]} grid (black 0, white 1)"])
+        out.publish(img, "activations_primary_lengths.png", key="activations/primary_lengths")
+    out.report()
+
+
+def run_routing(t: TrainedRun, out: Gallery, *, index: int, image: Path | None) -> list[float]:
+    x, what, _ = one_input(t, index, image)
+    maps, delta_b = inside.routing_maps(t.model, x)  # (iters, J, types, gh, gw)
+    # Weight each primary capsule type by its length: short (inactive) capsules keep c near 1/J
+    # and would wash the picture out.
+    lengths = inside.primary_capsule_lengths(t.model, x)  # (types, gh, gw)
+    weighted = (maps * lengths).sum(dim=2) / lengths.sum(dim=0).clamp(min=1e-12)  # (iters, J, gh, gw)
+    iters, J = weighted.shape[:2]
+    lo, hi = float(weighted.min()), float(weighted.max())  # stretched: couplings often stay near 1/J
+    tiles = [canvas.heat(((m - lo) / max(hi - lo, 1e-12)).cpu().numpy()) for m in weighted.flatten(0, 1)]
+    img = canvas.grid(tiles, J, scale=10)
+    columns = t.classes + ["none of the above"] * (J - len(t.classes))  # the extra routed capsule, if any
+    img = canvas.label_grid(img, iters, J, [f"iteration {r + 1}" for r in range(iters)], columns)
+    pred = int(t.model(x).prediction[0])
+    img = canvas.caption_above(img, [f"coupling coefficients c_ij on {what} (predicted {t.classes[pred]}): at each "
+                                     "grid position, the mean over capsule types weighted by |u_i|",
+                                     f"colour scale {lo:.3f} (black) .. {hi:.3f} (white); uniform is {1 / J:.3f}",
+                                     "mean |delta b_ij| per iteration: " + ", ".join(f"{d:.4f}" for d in delta_b)])
+    out.publish(img, "routing_couplings.png", key="routing/couplings")
+    out.log_metrics({f"routing/inspect_delta_b_iter{r + 1}": d for r, d in enumerate(delta_b)})
+    console.print("mean |delta b_ij| per routing iteration: " + ", ".join(f"{d:.5f}" for d in delta_b))
+    out.report()
+    return delta_b
+
+
+def run_saliency(t: TrainedRun, out: Gallery, *, index: int, image: Path | None, cls: int | None, method: str,
+                 layer: str | None, steps: int) -> None:
+    x, what, label = one_input(t, index, image)
+    with torch.no_grad():
+        pred = int(t.model(x).prediction[0])
+    target = pred if cls is None else cls
+    if not 0 <= target < len(t.classes):
+        raise CapsxError(f"--class {target}: out of range; this model has {len(t.classes)} classes")
+    if method == "integrated-gradients":
+        attr = inside.integrated_gradients(t.model, x, target, steps=steps).sum(dim=0)  # (H, W)
+        pos = attr.clamp(min=0)
+        heat = pos / pos.max().clamp(min=1e-12)
+        note = f"integrated gradients ({steps} steps, black baseline), positive part"
+    else:
+        name, module = inside.get_layer(t.model, layer)
+        heat = inside.grad_cam(t.model, module, x, target)
+        note = f"Grad-CAM at {name}"
+    base = canvas.to_uint8(x)[0]
+    base_rgb = np.repeat(base[..., None], 3, -1) if base.ndim == 2 else base
+    overlay = (0.5 * base_rgb + 0.5 * canvas.heat(heat.cpu().numpy())).astype(np.uint8)
+    img = canvas.grid([base_rgb, canvas.heat(heat.cpu().numpy()), overlay], 3, scale=6)
+    img = canvas.label_grid(img, 1, 3, None, ["input", "saliency", "overlay"])
+    score = "capsule length" if hasattr(t.model, "primary_grid") else "logit"
+    img = canvas.caption_above(img, [f"what drives class {t.classes[target]} ({score}) on {what}"
+                                     + (f", label {t.classes[label]}" if label is not None else "")
+                                     + f", predicted {t.classes[pred]}", note])
+    out.publish(img, f"saliency_{method}_class{target}.png", key=f"saliency/class{target}")
+    out.report()
+
+
+def run_top_activating(t: TrainedRun, out: Gallery, *, layer: str | None, channel: int, k: int, limit: int) -> None:
+    name, module = inside.get_layer(t.model, layer)
+    test = t.test_set(limit)
+    scores = inside.unit_scores(t.model, module, t.inputs(test.images), channel)
+    top = scores.topk(min(k, len(scores)))
+    idx = top.indices.cpu()
+    tiles = canvas.to_uint8(t.inputs(test.images[idx]))
+    cols = min(len(idx), 8)
+    img = canvas.grid(list(tiles), cols, scale=2)
+    rows = -(-len(idx) // cols)
+    img = canvas.label_grid(img, rows, cols, None, None,
+                            cell_labels=[f"#{i} {v:.2f}" for i, v in zip(idx.tolist(), top.values.tolist(),
+                                                                          strict=True)])
+    img = canvas.caption_above(img, [f"the {len(idx)} of {len(test)} test images that drive {name} "
+                                     f"unit {channel} most (score under each)"])
+    out.publish(img, f"top_{name}_{channel}.png", key=f"top_activating/{name}_{channel}")
+    out.report()

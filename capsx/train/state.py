@@ -1,0 +1,89 @@
+"""What the training loop carries from step to step (`TrainState`, with the running sums of the epoch
+in progress), saved in every checkpoint so a resumed run continues exactly."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from capsx.models import ModelOutput
+from capsx.train.distributed import Group
+from capsx.train.losses import LossTerms
+from capsx.train.metrics import all_right, predict
+
+
+@dataclass
+class EpochTotals:
+    """Running sums over the training steps of one epoch."""
+
+    steps: int = 0
+    images: int = 0
+    correct: int = 0
+    sums: dict[str, float] = field(default_factory=dict)  # per-image loss terms, summed
+    seconds: float = 0.0
+    data_seconds: float = 0.0  # time spent waiting for batches
+
+    def add(self, terms: LossTerms, out: ModelOutput, labels: torch.Tensor) -> float:
+        """Accumulate one step; returns the step's mean loss."""
+        n = len(labels)
+        loss = terms.total.item()
+        self.sums["loss"] = self.sums.get("loss", 0.0) + loss * n
+        for name, per_sample in terms.parts.items():
+            self.sums[name] = self.sums.get(name, 0.0) + per_sample.detach().float().sum().item()
+        self.correct += int(all_right(labels, predict(out, labels)).sum())
+        self.images += n
+        self.steps += 1
+        return loss
+
+    def reduced(self, group: Group) -> EpochTotals:
+        """The sums over every process (time is this process's: they run in step)."""
+        names = sorted(self.sums)
+        values = group.sum_floats([self.images, self.correct, *(self.sums[k] for k in names)])
+        return EpochTotals(self.steps, int(values[0]), int(values[1]), dict(zip(names, values[2:], strict=True)),
+                           self.seconds, self.data_seconds)
+
+    def mean(self, name: str) -> float:
+        return self.sums.get(name, 0.0) / max(1, self.images)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1, self.images)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # the epoch in progress (0-based)
+    epoch_step: int = 0  # steps of `epoch` already taken
+    global_step: int = 0
+    best_error: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # epochs since the best test error (early stopping)
+    totals: EpochTotals = field(default_factory=EpochTotals)
+    history: list[dict[str, float]] = field(default_factory=list)  # one row of metrics per epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def end_epoch(self, metrics: dict[str, float], error: float) -> bool:
+        """Close the epoch in progress: its metrics into the history, the best test error and the epochs
+        since it (early stopping). True if the error improved."""
+        epoch = self.epoch + 1
+        self.history.append({"epoch": epoch, **metrics})
+        improved = self.best_error is None or error < self.best_error
+        if improved:
+            self.best_error, self.best_epoch, self.bad_epochs = error, epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.epoch, self.epoch_step, self.totals = epoch, 0, EpochTotals()
+        return improved
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        """Keys a checkpoint lacks keep their defaults (a weights-only file may hold just the epoch)."""
+        return cls(**{**d, "totals": EpochTotals(**d.get("totals", {}))})
