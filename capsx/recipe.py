@@ -95,7 +95,7 @@ class Recipe(Section):
     def _default_loss(self) -> Recipe:
         if self.loss is None:
             loss: MarginLossConfig | CrossEntropyConfig | BinaryCrossEntropyConfig
-            if self.model.name == "capsnet":
+            if self.model.outputs_capsules:
                 loss = MarginLossConfig()
             else:
                 loss = CrossEntropyConfig() if self.data.objects == 1 else BinaryCrossEntropyConfig()

@@ -35,13 +35,11 @@ def _is_layer(module: nn.Module) -> bool:
 def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSummary:
     rows: list[LayerRow] = []
     hooks = []
-    listed: set[str] = set()
 
     def visit(prefix: str, module: nn.Module) -> None:
         for name, child in module.named_children():
             full = f"{prefix}.{name}" if prefix else name
             if _is_layer(child):
-                listed.add(full)
                 hooks.append(child.register_forward_hook(_recorder(full, child, rows)))
             else:
                 visit(full, child)

@@ -116,7 +116,7 @@ def test_memory_preflight_stops_a_batch_that_cannot_fit(tmp_path):
     # the data set is smaller than the batch: the step really taken is small, and fits
     fit(recipe, _run(tmp_path, _NoTracking()))
     engine_model = build_model(MODELS.get("capsnet")(), (1, 28, 28), 10)
-    from capsx.train.loop import check_memory
+    from capsx.train.preflight import check_memory
 
     with pytest.raises(CapsxError, match=r"data.batch_size \d+: a training step needs about .* free; "
                                          r"the largest batch that fits is about \d+"):
@@ -194,7 +194,7 @@ def test_an_epoch_longer_than_the_limit_is_announced_with_its_estimate_and_the_w
 
 def test_long_epoch_advice_offers_bf16_only_where_it_helps():
     from capsx.train.device import cpu_has_bf16_units
-    from capsx.train.loop import long_epoch_advice
+    from capsx.train.preflight import long_epoch_advice
 
     cpu = long_epoch_advice(540_000, 468_750, 128, torch.device("cpu"), "fp32")
     assert "468,750 steps of batch 128 and will take about 150 h on this cpu" in cpu

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from capsx.cli import app
 from capsx.data import Batches
 from capsx.data.imageset import ImageSet
-from capsx.data.multimnist import MultiMNISTConfig, PairSet, bounding_boxes, box_overlap, place
+from capsx.data.multimnist import MultiMNISTConfig, PairSet, place
+from capsx.data.transforms import ink_box
 from capsx.errors import RecipeError
 from capsx.models import MODELS, ModelOutput, build_model
 from capsx.recipe import recipe_from_dict
@@ -104,6 +105,20 @@ def test_mean_box_overlap_of_nominal_20x20_boxes_matches_its_expectation(tmp_pat
     overlap = ((20 - offset) / 20).prod(dim=1).mean().item()
     expected = (1 - 80 / 27 / 20) ** 2
     assert abs(overlap - expected) < 0.005, (overlap, expected)
+
+
+def bounding_boxes(images: torch.Tensor) -> torch.Tensor:
+    """(N, [1,] H, W) digits -> (N, 4) (top, left, bottom, right), exclusive, of their ink."""
+    top, bottom, left, right = ink_box(images.reshape(len(images), 1, *images.shape[-2:]))
+    return torch.stack([top, left, bottom + 1, right + 1], dim=1)
+
+
+def box_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,) intersection area of boxes (N, 4) over the smaller box's area: 1 when one covers the other."""
+    h = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    w = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    area = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])).minimum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+    return (h * w).float() / area.clamp(min=1).float()
 
 
 @pytest.mark.mnist

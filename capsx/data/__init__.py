@@ -6,13 +6,13 @@ import os
 from pathlib import Path
 
 # Importing the data sets registers them.
-from capsx.data import cifar10 as _cifar10  # noqa: E402,F401
-from capsx.data import fashion_mnist as _fashion_mnist  # noqa: E402,F401
-from capsx.data import mnist as _mnist  # noqa: E402,F401
-from capsx.data import multimnist as _multimnist  # noqa: E402,F401
-from capsx.data import shapes as _shapes  # noqa: E402,F401
-from capsx.data import smallnorb as _smallnorb  # noqa: E402,F401
-from capsx.data import svhn as _svhn  # noqa: E402,F401
+from capsx.data import cifar10 as _cifar10  # noqa: F401
+from capsx.data import fashion_mnist as _fashion_mnist  # noqa: F401
+from capsx.data import mnist as _mnist  # noqa: F401
+from capsx.data import multimnist as _multimnist  # noqa: F401
+from capsx.data import shapes as _shapes  # noqa: F401
+from capsx.data import smallnorb as _smallnorb  # noqa: F401
+from capsx.data import svhn as _svhn  # noqa: F401
 from capsx.data.batches import Batch, Batches
 from capsx.data.config import DATASETS, AugmentConfig, DataConfig, register_dataset
 from capsx.data.files import canonical_root

@@ -22,7 +22,7 @@ from capsx.data.transforms import affine_matrices, centre_on_canvas, ink_box, tr
 from capsx.errors import DataError
 
 CANVAS = 40
-# affNIST's ranges, as the issue states them; one draw per image.
+# the ranges of affNIST's own transformations; one draw per image.
 MAX_ROTATE = 20.0  # degrees, either way
 MAX_SHEAR = 0.1  # x-shear factor, either way
 SCALE = (0.8, 1.2)

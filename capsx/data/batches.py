@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from capsx.data.imageset import Examples, Order
+from capsx.data.imageset import Examples, Order, unit_float
 from capsx.data.transforms import shift_by, take_windows, window_offsets
 
 
@@ -102,5 +102,5 @@ class Batches:
                 H, W = images.shape[-2:]
                 offsets = window_offsets(len(everyone), H - self.crop, W - self.crop, g)[:, share]
                 images = take_windows(images, offsets, self.crop, self.crop)
-            x = images.float().div_(255)
-            yield Batch(x, labels, x if sources is None else sources.float().div_(255))
+            x = unit_float(images)
+            yield Batch(x, labels, x if sources is None else unit_float(sources))

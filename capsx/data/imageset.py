@@ -9,6 +9,11 @@ import torch
 from torch import Tensor
 
 
+def unit_float(images: Tensor) -> Tensor:
+    """uint8 pixels 0..255 as a new float32 tensor in 0..1; anything else is returned as it is."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
 class Order(Protocol):
     """An epoch's order of example indices; slicing gives one batch's indices."""
 

@@ -169,29 +169,6 @@ class AffineOrder:
         return (self.a * p + self.b) % self.n  # a, p < n <= 6e8: no int64 overflow
 
 
-def bounding_boxes(images: Tensor) -> Tensor:
-    """(N, [1,] H, W) images -> (N, 4) (top, left, bottom, right), exclusive, of the non-zero pixels."""
-    on = images.reshape(len(images), *images.shape[-2:]) > 0
-    rows, cols = on.any(dim=2), on.any(dim=1)  # (N, H), (N, W)
-
-    def extent(mask: Tensor) -> tuple[Tensor, Tensor]:
-        pos = torch.arange(mask.shape[1], device=mask.device)
-        first = torch.where(mask, pos, mask.shape[1]).amin(dim=1)
-        last = torch.where(mask, pos, -1).amax(dim=1) + 1
-        return first, last
-
-    (top, bottom), (left, right) = extent(rows), extent(cols)
-    return torch.stack([top, left, bottom, right], dim=1)
-
-
-def box_overlap(a: Tensor, b: Tensor) -> Tensor:
-    """(N,) intersection area of boxes (N, 4) over the smaller box's area: 1 when one covers the other."""
-    h = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
-    w = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
-    area = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])).minimum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
-    return (h * w).float() / area.clamp(min=1).float()
-
-
 @register_dataset
 class MultiMNISTConfig(DataConfig):
     """`data: {name: multimnist}`: pairs of overlapping MNIST digits, generated from `seed`;

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from capsx.errors import CapsxError
-from capsx.models.capsnet import CapsNet
+from capsx.models.capsnet import CapsNet, CapsNetConfig
 from capsx.models.reference import ReferenceCapsNet
 from capsx.recipe import Recipe
 from capsx.track.tracker import Tracker
@@ -211,7 +211,7 @@ def log_bench(result: BenchResult, recipe: Recipe, uri: str) -> None:
 def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, steps: int, precision: str,
               compile: bool = False, device: torch.device = torch.device("cpu"),
               progress: Callable[[str], None] = lambda s: None) -> BenchResult:
-    if recipe.model.name != "capsnet":
+    if not isinstance(recipe.model, CapsNetConfig):
         raise CapsxError(f"capsx bench compares CapsNet paths; recipe model is {recipe.model.name!r}")
     if precision == "fp16" and device.type != "cuda":
         raise CapsxError(f"--precision fp16 needs --device cuda (got {device.type}); use bf16 or fp32")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from capsx.data import ImageSet
-from capsx.data.imageset import Examples
+from capsx.data.imageset import Examples, unit_float
 from capsx.data.user_image import load_user_image
 from capsx.errors import CapsxError
 from capsx.jobs.context import Context
@@ -71,7 +71,7 @@ class TrainedRun:
 
     def inputs(self, images: Tensor) -> Tensor:
         """Images as the model takes them: on its device, uint8 scaled to [0, 1]."""
-        return images.to(self.device).float() / 255 if images.dtype == torch.uint8 else images.to(self.device)
+        return unit_float(images.to(self.device))
 
     def user_image(self, path: Path) -> Tensor:
         return self.inputs(load_user_image(path, self.recipe.data.input_shape))

@@ -13,6 +13,7 @@ from capsx.console import console
 from capsx.errors import CapsxError
 from capsx.jobs.pictures import Gallery, one_input
 from capsx.jobs.trained import TrainedRun
+from capsx.models.capsnet import CapsNet
 from capsx.pictures import canvas, inside
 
 
@@ -47,7 +48,7 @@ def run_activations(t: TrainedRun, out: Gallery, *, layer: str | None, index: in
         out.publish(img, f"activations_{name}.png", key=f"activations/{name}")
     else:
         console.print(f"[dim]{name} outputs {tuple(maps.shape)}, not feature maps; see the capsule lengths[/]")
-    if hasattr(t.model, "primary_grid"):
+    if isinstance(t.model, CapsNet):
         lengths = inside.primary_capsule_lengths(t.model, x)  # (types, gh, gw), already in [0, 1)
         img = canvas.grid([canvas.heat(m) for m in lengths.cpu().numpy()], int(np.ceil(np.sqrt(len(lengths)))),
                           scale=8)
@@ -104,7 +105,7 @@ def run_saliency(t: TrainedRun, out: Gallery, *, index: int, image: Path | None,
     overlay = (0.5 * base_rgb + 0.5 * canvas.heat(heat.cpu().numpy())).astype(np.uint8)
     img = canvas.grid([base_rgb, canvas.heat(heat.cpu().numpy()), overlay], 3, scale=6)
     img = canvas.label_grid(img, 1, 3, None, ["input", "saliency", "overlay"])
-    score = "capsule length" if hasattr(t.model, "primary_grid") else "logit"
+    score = "capsule length" if isinstance(t.model, CapsNet) else "logit"
     img = canvas.caption_above(img, [f"what drives class {t.classes[target]} ({score}) on {what}"
                                      + (f", label {t.classes[label]}" if label is not None else "")
                                      + f", predicted {t.classes[pred]}", note])

@@ -6,9 +6,9 @@ from __future__ import annotations
 from torch import nn
 
 # Importing the families registers them.
-from capsx.models import capsnet as _capsnet  # noqa: E402,F401
-from capsx.models import classic as _classic  # noqa: E402,F401
-from capsx.models import cnn as _cnn  # noqa: E402,F401
+from capsx.models import capsnet as _capsnet  # noqa: F401
+from capsx.models import classic as _classic  # noqa: F401
+from capsx.models import cnn as _cnn  # noqa: F401
 from capsx.models.config import MODELS, ModelConfig, register_model
 from capsx.models.output import ModelOutput
 

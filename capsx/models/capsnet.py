@@ -13,7 +13,8 @@ the margin loss and not decoded (`none_of_the_above: true`).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,28 @@ from capsx.models.config import ModelConfig, register_model
 from capsx.models.fourier_conv import fourier_conv2d
 from capsx.models.output import ModelOutput
 from capsx.models.routing import RoutingTrace, capsule_length, dynamic_routing, squash
+
+
+@dataclass(frozen=True)
+class PaperDefaults:
+    """The paper's CapsNet for MNIST, written once: `CapsNet`'s arguments and `CapsNetConfig`'s fields
+    default to these."""
+
+    conv1_channels: int = 256
+    conv1_kernel: int = 9
+    primary_types: int = 32
+    primary_dim: int = 8
+    primary_kernel: int = 9
+    primary_stride: int = 2
+    class_dim: int = 16
+    routing_iters: int = 3
+    none_of_the_above: bool = False
+    decoder: bool = True
+    decoder_hidden: tuple[int, ...] = (512, 1024)
+    init_std: float = 0.01
+
+
+PAPER = PaperDefaults()
 
 
 class PrimaryCaps(nn.Module):
@@ -37,8 +60,8 @@ class PrimaryCaps(nn.Module):
         self.conv = nn.Conv2d(in_channels, types * dim, kernel_size, stride=stride)
 
     FOURIER_CHUNK = 256  # samples at a time without autograd (fourier_conv2d's `chunk`)
-    # Below this batch the kernel's transform (paid once per call) costs more than the direct conv: measured
-    # for the MNIST layer, forward + backward, 2 threads: batch 16 201 vs 154 ms, 32 219 vs 230, 128 474 vs 910.
+    # Below this batch the kernel's transform (paid once per call) costs more than the direct conv saves
+    # (timed for the MNIST layer, forward + backward; `make bench` measures the whole model).
     FOURIER_MIN_BATCH = 32
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,18 +136,18 @@ class CapsNet(nn.Module):
         self,
         input_shape: tuple[int, int, int],
         num_classes: int,
-        conv1_channels: int = 256,
-        conv1_kernel: int = 9,
-        primary_types: int = 32,
-        primary_dim: int = 8,
-        primary_kernel: int = 9,
-        primary_stride: int = 2,
-        class_dim: int = 16,
-        routing_iters: int = 3,
-        none_of_the_above: bool = False,
-        decoder: bool = True,
-        decoder_hidden: tuple[int, ...] = (512, 1024),
-        init_std: float = 0.01,
+        conv1_channels: int = PAPER.conv1_channels,
+        conv1_kernel: int = PAPER.conv1_kernel,
+        primary_types: int = PAPER.primary_types,
+        primary_dim: int = PAPER.primary_dim,
+        primary_kernel: int = PAPER.primary_kernel,
+        primary_stride: int = PAPER.primary_stride,
+        class_dim: int = PAPER.class_dim,
+        routing_iters: int = PAPER.routing_iters,
+        none_of_the_above: bool = PAPER.none_of_the_above,
+        decoder: bool = PAPER.decoder,
+        decoder_hidden: tuple[int, ...] = PAPER.decoder_hidden,
+        init_std: float = PAPER.init_std,
         objects: int = 1,
     ) -> None:
         super().__init__()
@@ -195,18 +218,19 @@ class CapsNetConfig(ModelConfig):
     """`model: {name: capsnet, ...}`: the paper's defaults for MNIST."""
 
     name: Literal["capsnet"] = "capsnet"
-    conv1_channels: int = Field(256, ge=1)
-    conv1_kernel: int = Field(9, ge=1)
-    primary_types: int = Field(32, ge=1)
-    primary_dim: int = Field(8, ge=1)
-    primary_kernel: int = Field(9, ge=1)
-    primary_stride: int = Field(2, ge=1)
-    class_dim: int = Field(16, ge=1)
-    routing_iters: int = Field(3, ge=1)
-    none_of_the_above: bool = False  # an extra routed capsule that is not a class (paper, CIFAR-10)
-    decoder: bool = True
-    decoder_hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [512, 1024])
-    init_std: float = Field(0.01, gt=0)
+    outputs_capsules: ClassVar[bool] = True
+    conv1_channels: int = Field(PAPER.conv1_channels, ge=1)
+    conv1_kernel: int = Field(PAPER.conv1_kernel, ge=1)
+    primary_types: int = Field(PAPER.primary_types, ge=1)
+    primary_dim: int = Field(PAPER.primary_dim, ge=1)
+    primary_kernel: int = Field(PAPER.primary_kernel, ge=1)
+    primary_stride: int = Field(PAPER.primary_stride, ge=1)
+    class_dim: int = Field(PAPER.class_dim, ge=1)
+    routing_iters: int = Field(PAPER.routing_iters, ge=1)
+    none_of_the_above: bool = PAPER.none_of_the_above  # an extra routed capsule that is not a class (paper, CIFAR-10)
+    decoder: bool = PAPER.decoder
+    decoder_hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: list(PAPER.decoder_hidden))
+    init_std: float = Field(PAPER.init_std, gt=0)
 
     def build(self, input_shape: tuple[int, int, int], num_classes: int, objects: int = 1) -> nn.Module:
         kw = self.kwargs()
@@ -214,4 +238,4 @@ class CapsNetConfig(ModelConfig):
         return CapsNet(input_shape, num_classes, **kw, objects=objects)
 
 
-__all__ = ["CapsNet", "CapsNetConfig", "ClassCaps", "PrimaryCaps"]
+__all__ = ["PAPER", "CapsNet", "CapsNetConfig", "ClassCaps", "PaperDefaults", "PrimaryCaps"]

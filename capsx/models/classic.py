@@ -1,4 +1,4 @@
-"""The lecture's classic CNN family, built by torchvision's own builders (no weights).
+"""The classic CNN family the CapsNet is measured against, built by torchvision's own builders (no weights).
 
 AlexNet (ReLU, dropout), VGG ("deep and simple": only 3x3 convs and 2x2 max
 pools), GoogLeNet (Inception modules), ResNet (residual blocks x + F(x)) and

@@ -1,4 +1,4 @@
-"""Plain CNNs: the paper's baseline and the lecture's small network.
+"""Plain CNNs: the paper's baseline and a small two-conv network.
 
 Both are one `ConvNet`: a stack of 'same'-padded convolutions (optionally each
 followed by a 2x2 max pool), fully connected layers, and dropout before the
@@ -99,7 +99,7 @@ class BaselineCNNConfig(_ConvNetConfig):
 
 @register_model
 class ConvNetSmallConfig(_ConvNetConfig):
-    """The lecture's network: conv 32 @3x3, max-pool, conv 64 @3x3, max-pool, FC 1024, softmax."""
+    """A small two-conv network: conv 32 @3x3, max-pool, conv 64 @3x3, max-pool, FC 1024, softmax."""
 
     name: Literal["convnet_small"] = "convnet_small"
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
@@ -111,7 +111,7 @@ class ConvNetSmallConfig(_ConvNetConfig):
 @register_model
 class LeNetConfig(_ConvNetConfig):
     """LeNet-5's layout (LeCun et al. 1998: 5x5 conv, pool, 5x5 conv, pool, fully connected) at the
-    widths of the lecture's two-conv network: conv 32 @5x5, 2x2 max-pool, conv 64 @5x5, 2x2
+    widths of `convnet_small`'s two convs: conv 32 @5x5, 2x2 max-pool, conv 64 @5x5, 2x2
     max-pool, FC 1024, dropout, softmax (3.27M parameters on MNIST). `convnet_small` is the same
     network with 3x3 kernels."""
 

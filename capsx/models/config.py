@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 from torch import nn
@@ -17,6 +17,7 @@ class ModelConfig(Section):
     `capsx.models.transfer` when training starts, never by `build`."""
 
     name: str
+    outputs_capsules: ClassVar[bool] = False  # class capsules whose lengths are the scores: the margin loss by default
     pretrained: str | None = None  # weights file: a torchvision state dict or a capsx checkpoint
     freeze: int | list[str] = 0  # the first N layers (negative: all but the last -N), or module names
     head: Literal["keep", "replace"] = "keep"  # replace: a new classifier for this data set's classes

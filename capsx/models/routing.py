@@ -52,7 +52,7 @@ def dynamic_routing(u_hat: Tensor, iterations: int, trace: RoutingTrace | None =
     """
     B, I, J, D = u_hat.shape
     # One copy into (B*J, I, D): both routing products become contiguous matrix-vector
-    # bmm's, 3x faster here than einsum on (B, I, J, D), which permutes u_hat twice per iteration.
+    # bmm's, faster than einsum on (B, I, J, D), which permutes u_hat twice per iteration.
     u = u_hat.transpose(1, 2).reshape(B * J, I, D)
     # First iteration: b = 0, so c_ij = 1/J for every pair and s_j = sum_i u_hat(j|i) / J.
     v = squash(u_hat.sum(dim=1) / J)  # (B, J, D)

@@ -1,6 +1,6 @@
 """Transfer learning: start from trained weights, freeze the first layers, replace the head.
 
-The lecture's three cases are one mechanism: fine-tune everything at a low
+The three usual cases are one mechanism: fine-tune everything at a low
 learning rate (`pretrained_lr_factor`), freeze the first k layers and retrain
 the rest (`freeze: k`), or keep the whole network as a fixed feature extractor
 and train only a new classifier (`freeze: -1`, `head: replace`).

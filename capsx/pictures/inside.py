@@ -168,7 +168,7 @@ def unit_scores(model: nn.Module, layer: nn.Module, images: Tensor, channel: int
             scores.append(out[:, channel].amax(dim=(1, 2)))
         elif out.dim() == 3:  # capsules (B, N, D)
             lengths = out.norm(dim=-1)
-            grid = getattr(model, "primary_grid", None)
+            grid = model.primary_grid if isinstance(model, CapsNet) else None
             if grid is not None and out.shape[1] == grid[0] * grid[1] * grid[2]:
                 lengths = lengths.view(len(out), grid[0], -1).amax(dim=2)  # per capsule type
             if not 0 <= channel < lengths.shape[1]:

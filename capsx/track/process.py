@@ -1,7 +1,7 @@
 """A run's tracker in a process of its own, for the picture commands.
 
-Importing MLflow and opening its store takes about 2 s here (MLflow imports pandas and its GenAI
-modules), as long as the rest of a picture command. The process is started first thing, so that
+Importing MLflow and opening its store takes seconds (MLflow imports pandas and its GenAI modules),
+about as long as the rest of a picture command (README: the start-up table). The process is started first thing, so that
 time runs on another core while this one imports torch, opens the checkpoint and draws; which run
 to log to is sent once it is known, then the calls, as JSON lines on its stdin, and it reports one
 line when its input ends. On one core it costs about what the in-process tracker did.

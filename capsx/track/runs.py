@@ -14,8 +14,6 @@ from pathlib import Path
 
 from capsx.errors import CapsxError
 
-RUNS_DIR = Path("runs")
-
 
 @dataclass
 class RunInfo:

@@ -69,7 +69,7 @@ def _quiet_mlflow() -> None:
 
 
 def import_mlflow() -> Any:
-    """MLflow's client class, imported quietly (about 1.2 s here: it imports pandas and its GenAI modules)."""
+    """MLflow's client class, imported quietly (it is slow to import: pandas and its GenAI modules)."""
     _quiet_mlflow()
     from mlflow.tracking import MlflowClient
 

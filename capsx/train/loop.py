@@ -23,11 +23,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from capsx.data import Batches, DataSplits
+from capsx.data.imageset import unit_float
 from capsx.errors import CapsxError, RunError
 from capsx.models import ModelOutput, build_model
 from capsx.models.transfer import prepare_transfer
 from capsx.recipe import Recipe
-from capsx.train import memory
 from capsx.train.checkpoint import Checkpoint
 from capsx.train.device import autocast, cpu_has_bf16_units, eval_mode
 from capsx.train.distributed import SINGLE, Group, per_process_batch
@@ -35,6 +35,12 @@ from capsx.train.interrupt import StopRequest
 from capsx.train.losses import LossTerms
 from capsx.train.metrics import EvalResult, predict
 from capsx.train.optim import build_optimizer, lr_factor, set_lr
+from capsx.train.preflight import (
+    BF16_WITHOUT_UNITS,
+    LONG_EPOCH_SECONDS,
+    check_memory,
+    long_epoch_advice,
+)
 from capsx.train.state import EpochTotals, TrainState
 
 
@@ -323,44 +329,6 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Criterion, *, precis
                                        torch.cat(preds_all), classes)
 
 
-def check_memory(model: nn.Module, criterion: Criterion, input_shape: tuple[int, int, int], optimizer: str,
-                 device: torch.device, batch: int, objects: int = 1) -> memory.Probe:
-    """Stop before training if a step at `batch` will not fit the device, saying what would.
-    Returns what the probe steps measured (their time too)."""
-    probe = memory.probe(model, criterion, input_shape, optimizer, device, objects)
-    est = probe.memory
-    if est is None or est.peak(batch) <= est.available:
-        return probe
-    fits = est.largest_batch()
-    advice = f"the largest batch that fits is about {fits}" if fits else "not even a batch of 1 fits"
-    raise CapsxError(f"data.batch_size {batch}: a training step needs about {memory.gib(est.peak(batch))} "
-                     f"({memory.gib(100 * est.per_image)} per 100 images) but {device.type} has "
-                     f"{memory.gib(est.available)} free; {advice}")
-
-
-LONG_EPOCH_SECONDS = 2 * 3600  # an epoch longer than this gets a word before training starts
-BF16_WITHOUT_UNITS = ("train.precision=bf16 on a CPU without bf16 units (no avx512_bf16 or amx_bf16): torch "
-                      "converts to fp32 and back around each operation, so this is likely much slower than fp32 "
-                      "here (on a 2-core AVX2 CPU the paper's CapsNet trained at 1.8 img/s in bf16, 70.6 in fp32)")
-
-
-def long_epoch_advice(seconds: float, steps: int, batch: int, device: torch.device, precision: str) -> str:
-    """One line: how long an epoch will take here, and what would shorten it. Never a refusal: the
-    paper's protocol is a valid thing to start."""
-    ways = ["data.subset=N (train on N images)", "train.max_steps_per_epoch=N"]
-    if precision == "fp32" and (device.type != "cpu" or cpu_has_bf16_units()):
-        ways.append("train.precision=bf16")
-    if device.type != "cuda":
-        ways.append("a GPU (device: cuda)")
-    return (f"one epoch is {steps:,} steps of batch {batch} and will take about {_duration(seconds)} on this "
-            f"{device.type} (timed on the pre-flight's probe step); to shorten it: {', '.join(ways)}")
-
-
-def _duration(seconds: float) -> str:
-    hours = seconds / 3600
-    return f"{hours:,.0f} h" if hours >= 10 else f"{hours:.1f} h"
-
-
 DIAGNOSTIC_IMAGES = 100  # test images a model's own diagnostics (e.g. routing) look at each epoch
 
 
@@ -370,7 +338,7 @@ def model_diagnostics(model: nn.Module, images: torch.Tensor) -> dict[str, float
     if not callable(diagnose):
         return {}
     with eval_mode(model):
-        return dict(diagnose(images.float() / 255))
+        return dict(diagnose(unit_float(images)))
 
 
 def _get_rng_state() -> dict[str, Any]:

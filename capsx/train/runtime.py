@@ -14,8 +14,8 @@ def keep_large_tensors_on_heap() -> bool:
 
     A CapsNet step allocates and frees tensors of ~100 MB (the routing
     predictions); served by mmap, each one is page-faulted and zeroed by the
-    kernel again every step: measured here, 0.57 s of system time per 1.3 s
-    training step. Served from the heap they are reused. Linux/glibc only.
+    kernel again every step, which shows as system time comparable to the step's
+    own. Served from the heap they are reused. Linux/glibc only.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -34,9 +34,8 @@ def flush_denormals() -> bool:
     Adam's running means of a weight whose gradient stays 0 (a dead unit, a
     pixel that is always black) shrink by 0.9 a step and become subnormal
     after ~800 steps; x86 cores handle subnormals in microcode, many times
-    slower. Measured here on the Fashion-MNIST baseline CNN after 3 epochs:
-    57% of its Adam state subnormal, the optimiser step 107 ms -> 24 ms and the
-    whole training step 455 ms -> 387 ms with this on (fresh weights: 382 ms).
+    slower (the baseline CNN on Fashion-MNIST holds a majority of its Adam state
+    subnormal after a few epochs, and its optimiser step slows several times).
     The setting is per thread and threads inherit it, so it must come before
     torch's worker threads start. Values this small change no result we report.
     """
