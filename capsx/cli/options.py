@@ -31,7 +31,9 @@ ImageOpt = Annotated[list[Path] | None, typer.Option(
 
 def context(runs_dir: Path, tracking_uri: str | None, data_root: Path | None = None, track: bool = True,
             device: str = "auto") -> Context:
-    """The command's options as one `Context` (imported late: `--help` loads nothing more than Typer)."""
+    """The command's options as one `Context` that prints to the console (imported late: `--help` loads
+    nothing more than Typer)."""
+    from capsx.console import console
     from capsx.jobs.context import Context
 
-    return Context(runs_dir, tracking_uri, data_root, track, device)
+    return Context(runs_dir, tracking_uri, data_root, track, device, say=console.print, progress=True)

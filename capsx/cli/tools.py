@@ -60,10 +60,11 @@ def sync(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Send the tracking calls a run kept while its MLflow store was unreachable."""
+    from capsx.console import console
     from capsx.errors import RunError
     from capsx.jobs.sync import sync_run
 
-    left = sync_run(run_dir, tracking_uri)
+    left = sync_run(run_dir, tracking_uri, console.print)
     if left:
         raise RunError(f"the tracking store still does not answer; {left} call(s) left in {run_dir}")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from capsx.console import console, ensemble_table
+from capsx.console import ensemble_table
 from capsx.data import Batches
 from capsx.errors import CapsxError
 from capsx.jobs.context import Context
@@ -117,7 +117,7 @@ def run_ensemble(refs: Sequence[str], ctx: Context, *, dataset: str = "test", ch
     batches = Batches(test.to(first.device), first.recipe.data.eval_batch_size)
     result = evaluate_ensemble(members, batches, first.device, first.classes)
     split = "test split" if dataset == "test" else dataset
-    console.print(ensemble_table(f"{first.recipe.name}: ensemble of {len(members)} on {first.recipe.data.name} "
+    ctx.say(ensemble_table(f"{first.recipe.name}: ensemble of {len(members)} on {first.recipe.data.name} "
                                  f"({split}, {result.ensemble.images:,} images)",
                                  [f"{m.recipe.model.name} {m.label}" for m in members], result))
     rows = check_rows(first.recipe.paper, dataset, result.ensemble.error, len(members)) if check else []
@@ -126,15 +126,15 @@ def run_ensemble(refs: Sequence[str], ctx: Context, *, dataset: str = "test", ch
         parents = {parent_run_id(uri, m.label) for m in members} if uri else {None}
         parent = parents.pop() if len(parents) == 1 else None
         if uri is None or parent is None:
-            console.print("[dim]not logged: the runs are not the seeds of one parent run[/]")
+            ctx.say("[dim]not logged: the runs are not the seeds of one parent run[/]")
         else:
             prefix = "ensemble" if dataset == "test" else f"ensemble/{dataset}"
             Tracker.attach(uri, parent).log_metrics(
                 {f"{prefix}/error": result.ensemble.error, f"{prefix}/acc": result.ensemble.accuracy,
                  f"{prefix}/members": float(len(members)),
                  **{f"{prefix}/paper_check/{r.number.metric}": float(r.within) for r in rows}}, step=0)
-            console.print(f"[dim]logged to parent run {parent} at {uri}[/]")
-    report_check(f"{first.recipe.name} ensemble against the paper ({split})", rows, "the ensemble's ")
+            ctx.say(f"[dim]logged to parent run {parent} at {uri}[/]")
+    report_check(f"{first.recipe.name} ensemble against the paper ({split})", rows, "the ensemble's ", ctx.say)
     return result
 
 

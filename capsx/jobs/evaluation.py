@@ -3,10 +3,11 @@ affNIST-style set), logged to its MLflow run; with --check, measured against the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from capsx.console import confusion_table, console, evaluation_table, paper_check_table, per_class_table
+from capsx.console import confusion_table, evaluation_table, paper_check_table, per_class_table
 from capsx.data import Batches
 from capsx.data.affnist import CANVAS as EVAL_CANVAS
 from capsx.data.affnist import load_eval_set
@@ -34,16 +35,16 @@ def run_evaluation(ref: str, ctx: Context, *, dataset: str = "test", check: bool
     result = evaluate(t.model, batches, t.recipe.loss_config, precision=t.recipe.train.precision, device=t.device,
                       classes=t.classes)
     split = "test split" if dataset == "test" else dataset
-    console.print(evaluation_table(f"{t.recipe.name}: {t.recipe.model.name} on {t.recipe.data.name} ({split})",
+    ctx.say(evaluation_table(f"{t.recipe.name}: {t.recipe.model.name} on {t.recipe.data.name} ({split})",
                                    t.path, t.run_id, t.epoch, result))
-    console.print(per_class_table(result))
-    console.print(confusion_table(result))
+    ctx.say(per_class_table(result))
+    ctx.say(confusion_table(result))
     prefix = "eval" if dataset == "test" else f"eval/{dataset}"
     rows = check_rows(t.recipe.paper, dataset, result.error) if check else []
     if ctx.track and t.run_id:
         tracker = t.tracker()
         if tracker is None:
-            console.print("[dim]not logged: the run was trained without tracking[/]")
+            ctx.say("[dim]not logged: the run was trained without tracking[/]")
         else:
             metrics = result.as_metrics(prefix)
             metrics.update({f"{prefix}/acc_class/{name}": float(a) for name, a in
@@ -51,16 +52,16 @@ def run_evaluation(ref: str, ctx: Context, *, dataset: str = "test", check: bool
             metrics.update({f"{prefix}/paper_check/{r.number.metric}": float(r.within) for r in rows})
             tracker.log_metrics(metrics, step=t.epoch)
             tracker.log_dict(confusion_dict(result), f"{prefix}/confusion_matrix.json")
-            console.print(f"[dim]logged to run {t.run_id} at {t.tracking_uri}[/]")
-    report_check(f"{t.recipe.name} against the paper ({split})", rows, "")
+            ctx.say(f"[dim]logged to run {t.run_id} at {t.tracking_uri}[/]")
+    report_check(f"{t.recipe.name} against the paper ({split})", rows, "", ctx.say)
     return result
 
 
-def report_check(title: str, rows: list[CheckRow], what: str) -> None:
+def report_check(title: str, rows: list[CheckRow], what: str, say: Callable[..., None]) -> None:
     """The paper-check table; CheckFailed (exit 1) naming the first number outside its band."""
     if not rows:
         return
-    console.print(paper_check_table(title, rows))
+    say(paper_check_table(title, rows))
     outside = [r for r in rows if not r.within]
     if outside:
         r = outside[0]

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from capsx.console import console
 from capsx.errors import CapsxError
 from capsx.jobs.context import Context
 from capsx.jobs.trained import TrainedRun
@@ -27,6 +26,7 @@ class Gallery:
 
     def __init__(self, run: TrainedRun, ctx: Context, background: TrackerProcess | None = None) -> None:
         self.run = run
+        self.say = ctx.say
         self.dir = (run.run_dir / "pictures" if run.run_dir is not None
                     else ctx.runs_dir / "_pictures" / (run.run_id or run.path.stem))
         self.tracker: Tracker | TrackerProcess | NullTracker = NullTracker(run.run_id or "")
@@ -58,10 +58,10 @@ class Gallery:
     def report(self) -> None:
         """Say what was written, once every image is in the store."""
         for path in self.written:
-            console.print(f"  wrote {path}", soft_wrap=True)
+            self.say(f"  wrote {path}", soft_wrap=True)
         self.close()
         if self.tracker.active and self.written:
-            console.print(f"  logged {len(self.written)} image(s) to run {self.run.run_id}", soft_wrap=True)
+            self.say(f"  logged {len(self.written)} image(s) to run {self.run.run_id}", soft_wrap=True)
 
     def close(self) -> None:
         """Wait for the tracking process (if any) to have applied every call; its error is raised here."""

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from capsx.console import console
 from capsx.errors import CapsxError
 from capsx.jobs.pictures import Gallery
 from capsx.jobs.trained import TrainedRun
@@ -63,7 +62,7 @@ def run_reconstruct(t: TrainedRun, out: Gallery, *, count: int, misclassified: i
         _panel(t, out, model, xs_all[idx], labels_all[idx], "... and decoded from the true label's capsule",
                "recon_wrong_label.png", "recon/misclassified_as_label", None, as_label=True)
     out.log_metrics({"recon/mean_sse": mean_sse, "recon/errors_in_sample": float(len(wrong_idx))})
-    console.print(f"mean reconstruction error (sum of squared pixel errors per image) over {m} test images: "
+    out.say(f"mean reconstruction error (sum of squared pixel errors per image) over {m} test images: "
                   f"{mean_sse:.3f}; {len(wrong_idx)} of them misclassified", soft_wrap=True)
     out.report()
     return mean_sse
@@ -138,7 +137,7 @@ def _reconstruct_pairs(t: TrainedRun, out: Gallery, model: CapsNet, *, count: in
         _pair_panel(t, out, model, xs_wrong, test.labels[idx], "... and decoded from the true labels' capsules",
                     "recon_pairs_wrong_label.png", "recon/pairs_misclassified_as_label", as_label=True)
     out.log_metrics({"recon/mean_sse": mean_sse, "recon/errors_in_sample": float(len(wrong_idx))})
-    console.print(f"mean reconstruction error (sum of squared pixel errors of both digits, each against its own "
+    out.say(f"mean reconstruction error (sum of squared pixel errors of both digits, each against its own "
                   f"image) over {m} test pairs: {mean_sse:.3f}; {len(wrong_idx)} of them not both right",
                   soft_wrap=True)
     out.report()

@@ -7,7 +7,7 @@ import math
 import uuid
 from dataclasses import dataclass, replace
 
-from capsx.console import console, key_value_table
+from capsx.console import key_value_table
 from capsx.jobs.context import Context
 from capsx.jobs.ensemble import run_ensemble
 from capsx.jobs.training import run_tags, run_training
@@ -51,7 +51,7 @@ def run_seeds(recipe: Recipe, seeds: list[int], ctx: Context, *, recipe_path: st
         params["train"]["seed"] = ",".join(map(str, seeds))
         parent.log_params(params)
     summary = SeedSummary(seeds, [], [], [])
-    console.print(f"[bold]seeds[/] {', '.join(map(str, seeds))}"
+    ctx.say(f"[bold]seeds[/] {', '.join(map(str, seeds))}"
                   + (f": parent run {parent.run_id}" if ctx.track else ""), soft_wrap=True)
     try:
         for seed in seeds:
@@ -74,7 +74,7 @@ def run_seeds(recipe: Recipe, seeds: list[int], ctx: Context, *, recipe_path: st
     stats = summary.stats()
     parent.log_metrics(stats, step=0)
     parent.end("FINISHED")
-    console.print(_seeds_table(recipe, summary, stats, parent.run_id if ctx.track else None))
+    ctx.say(_seeds_table(recipe, summary, stats, parent.run_id if ctx.track else None))
     if len(seeds) > 1:  # the seeds as one classifier (the paper's CIFAR-10 protocol), logged to the parent
         run_ensemble(summary.run_ids, replace(ctx, tracking_uri=uri if ctx.track else None, device=recipe.device))
     return 0, summary

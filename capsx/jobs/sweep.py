@@ -9,13 +9,13 @@ image centre (bilinear, zero outside), the same for every model compared.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from capsx.console import console, sweep_table
+from capsx.console import sweep_table
 from capsx.data import Batches, ImageSet
 from capsx.data.transforms import affine_matrices, warp
 from capsx.errors import CapsxError
@@ -107,20 +107,21 @@ def run_sweep(refs: list[str], spec: SweepSpec, ctx: Context, *, images: int | N
     results: dict[str, Sequence[float]] = {}
     for t, out in zip(trained, galleries, strict=True):
         label = f"{t.recipe.name} ({t.recipe.model.name}, {str(t.run_id or t.path.stem)[:8]})"
-        results[label] = _accuracies(t, out, spec, images, label)
-    console.print(sweep_table(f"test accuracy under {spec.name} ({spec.transform.unit})", spec.name, spec.values,
+        results[label] = _accuracies(t, out, spec, images, label, ctx.say)
+    ctx.say(sweep_table(f"test accuracy under {spec.name} ({spec.transform.unit})", spec.name, spec.values,
                               results))
     picture = curves.accuracy_curves(f"accuracy under {spec.name}", f"{spec.name} ({spec.transform.unit})",
                                      spec.values, results)
     for t, out in zip(trained, galleries, strict=True):
         path = out.publish_file(picture, f"sweep-{spec.name}.png", "sweep")
-        console.print(f"  wrote {path}", soft_wrap=True)
+        ctx.say(f"  wrote {path}", soft_wrap=True)
         if out.tracker.active:
-            console.print(f"[dim]logged to run {t.run_id}[/]")
+            ctx.say(f"[dim]logged to run {t.run_id}[/]")
     return results
 
 
-def _accuracies(t: TrainedRun, out: Gallery, spec: SweepSpec, images: int | None, label: str) -> list[float]:
+def _accuracies(t: TrainedRun, out: Gallery, spec: SweepSpec, images: int | None, label: str,
+                say: Callable[..., None]) -> list[float]:
     """One run's accuracy at each value of the sweep, each logged as it is measured."""
     test = t.test_set()
     if images is not None:
@@ -133,5 +134,5 @@ def _accuracies(t: TrainedRun, out: Gallery, spec: SweepSpec, images: int | None
         accuracies.append(result.accuracy)
         out.tracker.log_metrics({f"sweep/{spec.name}/acc": result.accuracy, f"sweep/{spec.name}/value": value},
                                 step=i)
-        console.print(f"  {label}: {spec.name} {value:g} -> {100 * result.accuracy:.2f}%", style="dim")
+        say(f"  {label}: {spec.name} {value:g} -> {100 * result.accuracy:.2f}%", style="dim")
     return accuracies

@@ -9,15 +9,16 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from capsx import __version__
-from capsx.console import ProgressReporter, console, fit_summary_table
+from capsx.console import ProgressReporter, fit_summary_table
 from capsx.errors import RunError
-from capsx.jobs.context import Context
+from capsx.jobs.context import Context, silent
 from capsx.jobs.evaluation import confusion_dict
 from capsx.models.transfer import check_transfer
 from capsx.recipe import Recipe
@@ -45,8 +46,7 @@ def run_training(recipe: Recipe, ctx: Context, *, recipe_path: str, resume: Chec
     directory. `parent_run_id`: the MLflow run this one is nested under (one seed of `train --seeds`).
     Under torchrun every process calls this; rank 0 alone tracks, prints and writes checkpoints."""
     group, device = distributed.join(resolve_device(recipe.device))
-    if not group.is_main:
-        console.quiet = True
+    say = ctx.say if group.is_main else silent
     try:
         autocast(device, recipe.train.precision)  # an impossible precision is an error now, not after set-up
         root = ctx.data_root_for(recipe.data)
@@ -54,28 +54,30 @@ def run_training(recipe: Recipe, ctx: Context, *, recipe_path: str, resume: Chec
         if resume is None:  # and a pretrained file or freeze that cannot work
             check_transfer(recipe.model, recipe.data.input_shape, len(recipe.data.classes))
         tracker, run_dir = _open_tracking(recipe, ctx, group, device, recipe_path, resume, parent_run_id)
+        if isinstance(tracker, Tracker):
+            tracker.notify = lambda message: say(f"[yellow]{message}[/]", soft_wrap=True)
         verb = "resuming" if resume is not None else "training"
-        console.print(f"[bold]{verb}[/] {recipe.name}: {recipe.model.name} on {recipe.data.name}, "
+        say(f"[bold]{verb}[/] {recipe.name}: {recipe.model.name} on {recipe.data.name}, "
                       f"{describe_device(device)}", soft_wrap=True)
-        console.print(f"  run {tracker.run_id}  dir {run_dir}", soft_wrap=True)
-        console.print(f"  tracking {tracker.uri}" if tracker.active else "  tracking off", soft_wrap=True)
-        reporter: ProgressReporter | QuietReporter = ProgressReporter() if group.is_main else QuietReporter()
+        say(f"  run {tracker.run_id}  dir {run_dir}", soft_wrap=True)
+        say(f"  tracking {tracker.uri}" if tracker.active else "  tracking off", soft_wrap=True)
+        reporter = ProgressReporter() if group.is_main and ctx.progress else QuietReporter()
         try:
             result = fit(recipe, Run(device=device, data_root=root, run_dir=run_dir, tracker=tracker,
                                      reporter=reporter, group=group), resume=resume, splits=splits)
         except Interrupted as stop:
             reporter.close()
-            return _interrupted(stop, tracker, run_dir, group)
+            return _interrupted(stop, tracker, run_dir, group, say)
         except BaseException as e:
             reporter.close()
-            _end(tracker, run_dir, "FAILED", note=str(e) if isinstance(e, RunError) else None)
+            _end(tracker, run_dir, "FAILED", say, note=str(e) if isinstance(e, RunError) else None)
             raise
         if result.best_checkpoint is not None:
             tracker.log_artifact(result.best_checkpoint, "checkpoints")
         if result.final is not None:
             tracker.log_dict(confusion_dict(result.final), "test/confusion_matrix.json")
-        _end(tracker, run_dir, "FINISHED")
-        console.print(fit_summary_table(recipe, result, tracker.run_id, run_dir))
+        _end(tracker, run_dir, "FINISHED", say)
+        say(fit_summary_table(recipe, result, tracker.run_id, run_dir))
         return TrainingOutcome(0, tracker.run_id, result)
     finally:
         distributed.leave()
@@ -119,27 +121,27 @@ def _open_tracking(recipe: Recipe, ctx: Context, group: Group, device: torch.dev
     if group.active:
         tracker.log_params({"distributed.processes": group.world,
                             "distributed.batch_per_process": recipe.data.batch_size // group.world})
-    if isinstance(tracker, Tracker):
-        tracker.notify = lambda message: console.print(f"[yellow]{message}[/]", soft_wrap=True)
     return tracker, run_dir
 
 
-def _interrupted(stop: Interrupted, tracker: Tracker | NullTracker, run_dir: Path, group: Group) -> TrainingOutcome:
+def _interrupted(stop: Interrupted, tracker: Tracker | NullTracker, run_dir: Path, group: Group,
+                 say: Callable[..., None]) -> TrainingOutcome:
     """End the run as KILLED, say where its checkpoint is and how to continue; exit code 128 + signal."""
     name = signal.Signals(stop.signum).name
-    _end(tracker, run_dir, "KILLED", note=f"interrupted by {name} at step {stop.state.global_step}; "
+    _end(tracker, run_dir, "KILLED", say, note=f"interrupted by {name} at step {stop.state.global_step}; "
                                           f"checkpoint {stop.checkpoint}")
-    console.print(f"[yellow]interrupted[/] by {name} at epoch {stop.state.epoch + 1}, step "
+    say(f"[yellow]interrupted[/] by {name} at epoch {stop.state.epoch + 1}, step "
                   f"{stop.state.global_step}; saved {stop.checkpoint}")
     nproc = f" --nproc {group.world}" if group.active else ""
-    console.print(f"  continue with: capsx train --resume {tracker.run_id}{nproc}")
+    say(f"  continue with: capsx train --resume {tracker.run_id}{nproc}")
     return TrainingOutcome(128 + stop.signum, tracker.run_id)
 
 
-def _end(tracker: Tracker | NullTracker, run_dir: Path, status: str, note: str | None = None) -> None:
+def _end(tracker: Tracker | NullTracker, run_dir: Path, status: str, say: Callable[..., None],
+         note: str | None = None) -> None:
     left = tracker.end(status, note=note)
     if left:
-        console.print(f"[yellow]the tracking store did not take {left} call(s); they are kept in {run_dir}; "
+        say(f"[yellow]the tracking store did not take {left} call(s); they are kept in {run_dir}; "
                       f"send them when it is back with: capsx sync {run_dir}[/]", soft_wrap=True)
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from capsx.console import console
 from capsx.errors import CapsxError
 from capsx.jobs.pictures import Gallery, one_input
 from capsx.jobs.trained import TrainedRun
@@ -47,7 +46,7 @@ def run_activations(t: TrainedRun, out: Gallery, *, layer: str | None, index: in
                                          f"({dead} dead: black), one scale for all"])
         out.publish(img, f"activations_{name}.png", key=f"activations/{name}")
     else:
-        console.print(f"[dim]{name} outputs {tuple(maps.shape)}, not feature maps; see the capsule lengths[/]")
+        out.say(f"[dim]{name} outputs {tuple(maps.shape)}, not feature maps; see the capsule lengths[/]")
     if isinstance(t.model, CapsNet):
         lengths = inside.primary_capsule_lengths(t.model, x)  # (types, gh, gw), already in [0, 1)
         img = canvas.grid([canvas.heat(m) for m in lengths.cpu().numpy()], int(np.ceil(np.sqrt(len(lengths)))),
@@ -78,7 +77,7 @@ def run_routing(t: TrainedRun, out: Gallery, *, index: int, image: Path | None) 
                                      "mean |delta b_ij| per iteration: " + ", ".join(f"{d:.4f}" for d in delta_b)])
     out.publish(img, "routing_couplings.png", key="routing/couplings")
     out.log_metrics({f"routing/inspect_delta_b_iter{r + 1}": d for r, d in enumerate(delta_b)})
-    console.print("mean |delta b_ij| per routing iteration: " + ", ".join(f"{d:.5f}" for d in delta_b))
+    out.say("mean |delta b_ij| per routing iteration: " + ", ".join(f"{d:.5f}" for d in delta_b))
     out.report()
     return delta_b
 
