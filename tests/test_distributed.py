@@ -54,6 +54,10 @@ def test_sharded_evaluation_sees_every_test_image_once():
     shards = [Batches(data, 4, rank=r, world=3) for r in range(3)]
     seen = torch.cat([y for b in shards for _, y, _ in b.epoch(0)])
     assert sorted(seen.tolist()) == list(range(25))
+    # what evaluation names its mistakes by: each example's index in the split, whichever process saw it
+    named = [(i, y) for b in shards for idx, (_, ys, _) in b.indexed(0) for i, y in zip(idx.tolist(), ys.tolist(),
+                                                                                       strict=True)]
+    assert sorted(i for i, _ in named) == list(range(25)) and all(i == y for i, y in named)  # label = index
 
 
 def _last_weights(run_dir_glob: Path) -> dict[str, torch.Tensor]:
@@ -83,6 +87,9 @@ def test_two_processes_match_one_and_resume_exactly_after_ctrl_c(workdir):
     two, one = _last_weights(workdir / "two/tiny/*"), _last_weights(workdir / "one/tiny/*")
     for k in one:  # same global batches, gradients averaged over the two halves: the same steps
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    mistakes = [torch.load(next(workdir.glob(f"{d}/tiny/*/checkpoints/last.pt")), weights_only=True)["state"]
+                ["test_mistakes"] for d in ("two", "one")]
+    assert mistakes[0] == mistakes[1]  # the sharded evaluation names the same test images as one process
 
     client = MlflowClient(f"sqlite:///{workdir}/two/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])  # one run, not two

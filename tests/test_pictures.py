@@ -250,3 +250,34 @@ def test_the_capsx_process_logs_its_pictures_through_the_tracking_process(traine
                           capture_output=True, text=True, timeout=120)
     assert dead.returncode != 0 and "Traceback" not in dead.stderr, dead.stderr
     assert dead.stderr.strip().startswith("error: ") and len(dead.stderr.strip().splitlines()) == 1, dead.stderr
+
+
+def test_reconstruct_quotes_the_checkpoints_evaluation_and_it_matches_a_fresh_measurement(trained, monkeypatch):
+    """By default `reconstruct` takes the mean error and the mistakes from the evaluation that wrote the
+    checkpoint (no pass over the test split); measuring over the same 32 test images gives the same."""
+    monkeypatch.chdir(trained)
+
+    def said(args: list[str]) -> tuple[float, int, str]:
+        res = runner.invoke(app, ["reconstruct", "--no-log", *args])
+        assert res.exit_code == 0, res.output
+        line = next(ln for ln in res.output.splitlines() if ln.startswith("mean reconstruction error"))
+        error, wrong = line.split(": ")[-1].split("; ")
+        return float(error), int(wrong.split()[0]), line
+
+    recorded, recorded_wrong, line = said([])
+    assert "over 32 test images, from the evaluation at epoch 1" in line
+    measured, measured_wrong, line = said(["--error-images", "32"])
+    assert "from the evaluation" not in line
+    assert recorded == pytest.approx(measured, rel=1e-4) and recorded_wrong == measured_wrong
+    from capsx.train.checkpoint import Checkpoint
+
+    best = Checkpoint.read(next(trained.glob("runs/tiny/*/checkpoints/best.pt")))
+    assert best.state.test_mistakes is not None and len(best.state.test_mistakes) == recorded_wrong
+    from capsx.jobs.context import Context
+    from capsx.jobs.reconstruct import reconstruction_error
+    from capsx.jobs.trained import open_run
+
+    t = open_run("latest", Context(runs_dir=trained / "runs", device="cpu"))
+    test = t.test_set()
+    _, wrong = reconstruction_error(t, t.model, test.images, test.labels)
+    assert best.state.test_mistakes == wrong  # the same images, named by their index in the test split

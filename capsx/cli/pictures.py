@@ -116,8 +116,11 @@ def reconstruct(
     misclassified: Annotated[int, typer.Option("--misclassified", help="Mistakes in the strip (0: none).")] = 10,
     force_class: Annotated[int | None, typer.Option(
         "--force-class", help="Decode the capsule of this class instead of the predicted one ('P:').")] = None,
-    error_images: Annotated[int, typer.Option("--error-images", help="Test images the mean error is taken over.")]
-    = 1000,
+    error_images: Annotated[int | None, typer.Option(
+        "--error-images", min=1, help="Test images the mean error is taken over. Default: the whole test split, "
+                                      "as the run's own evaluation measured it (kept in its checkpoint); "
+                                      "for an older checkpoint, or two-digit images, the first 1000.",
+        show_default=False)] = None,
     image: ImageOpt = None,
     run: RunOpt = None,
     checkpoint: CheckpointOpt = None,

@@ -82,6 +82,12 @@ class Batches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of `epoch`, from `start_step` on (this process's share of each)."""
+        for _, batch in self.indexed(epoch, start_step):
+            yield batch
+
+    def indexed(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Batch]]:
+        """`epoch`'s batches with the indices of their examples in the data (what an evaluation's
+        mistakes are named by, whichever process saw them)."""
         order = self.order(epoch)
         share = slice(self.rank, None, self.world)
         for step in range(start_step, len(self)):
@@ -103,4 +109,4 @@ class Batches:
                 offsets = window_offsets(len(everyone), H - self.crop, W - self.crop, g)[:, share]
                 images = take_windows(images, offsets, self.crop, self.crop)
             x = unit_float(images)
-            yield Batch(x, labels, x if sources is None else unit_float(sources))
+            yield idx, Batch(x, labels, x if sources is None else unit_float(sources))

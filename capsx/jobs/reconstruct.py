@@ -18,18 +18,21 @@ from capsx.train.metrics import all_right
 
 PAIR_COLOURS = (canvas.RED, canvas.GREEN)  # Fig. 5: each of the two decoded digits in its own colour
 ERROR_CHUNK = 500  # images per forward pass of the error over the test images
+DEFAULT_ERROR_IMAGES = 1000  # without a recorded evaluation
 
 
 def run_reconstruct(t: TrainedRun, out: Gallery, *, count: int, misclassified: int, force_class: int | None,
-                    image: list[Path] | None, error_images: int) -> float:
-    """Fig. 3 for a one-object run, Fig. 5 for a two-digit one; returns the mean reconstruction error."""
+                    image: list[Path] | None, error_images: int | None) -> float:
+    """Fig. 3 for a one-object run, Fig. 5 for a two-digit one; returns the mean reconstruction error.
+    `error_images`: how many test images it is measured over; None: the whole split as the run's own
+    evaluation measured it (kept in the checkpoint), else the first DEFAULT_ERROR_IMAGES."""
     model = capsules.require_decoder(t.model, "reconstruct")
     if t.objects > 1:
         if force_class is not None:
             raise CapsxError(f"--force-class: not available for a {t.recipe.data.name} run "
                              "(its images hold two digits; both predicted ones are decoded)")
         return _reconstruct_pairs(t, out, model, count=count, misclassified=misclassified, image=image,
-                                  error_images=error_images)
+                                  error_images=error_images or DEFAULT_ERROR_IMAGES)
     n_classes = len(t.classes)
     if force_class is not None and not 0 <= force_class < n_classes:
         raise CapsxError(f"--force-class {force_class}: out of range; this model has {n_classes} classes")
@@ -46,26 +49,49 @@ def run_reconstruct(t: TrainedRun, out: Gallery, *, count: int, misclassified: i
            "test images (L: label, P: prediction, * wrong) above their reconstructions"
            + (f" from the class-{t.classes[force_class]} capsule" if force_class is not None else ""),
            f"recon_test{suffix}.png", "recon/test" + suffix, force_class)
-    # The error over the first `error_images` test images, and the mistakes among them.
-    m = min(error_images, len(test))
-    xs_all, labels_all = t.inputs(test.images[:m]), test.labels[:m]
-    sse_sum, wrong_idx = 0.0, []
-    for i in range(0, m, ERROR_CHUNK):
-        _, preds, sse = capsules.reconstruct_as(model, xs_all[i:i + ERROR_CHUNK])
-        sse_sum += float(sse.sum())
-        wrong_idx += (i + (preds.cpu() != labels_all[i:i + ERROR_CHUNK]).nonzero().flatten()).tolist()
-    mean_sse = sse_sum / max(1, m)
+    recorded = _recorded(t, len(test)) if error_images is None else None
+    if recorded is not None:  # the run's own evaluation of the whole split, kept in its checkpoint
+        mean_sse, wrong_idx, wrong_count = recorded
+        wrong_idx = [i for i in wrong_idx if i < len(test)]
+        m, where = len(test), f", from the evaluation at epoch {t.epoch}"
+    else:  # the error over the first `error_images` test images, and the mistakes among them
+        m, where = min(error_images or DEFAULT_ERROR_IMAGES, len(test)), ""
+        mean_sse, wrong_idx = reconstruction_error(t, model, test.images[:m], test.labels[:m])
+        wrong_count = len(wrong_idx)
     if misclassified > 0 and wrong_idx and force_class is None:
         idx = torch.tensor(wrong_idx[:misclassified])
-        _panel(t, out, model, xs_all[idx], labels_all[idx], "misclassified: decoded as predicted (top) ...",
+        xs, labels = t.inputs(test.images[idx]), test.labels[idx]
+        _panel(t, out, model, xs, labels, "misclassified: decoded as predicted (top) ...",
                "recon_wrong_pred.png", "recon/misclassified", None)
-        _panel(t, out, model, xs_all[idx], labels_all[idx], "... and decoded from the true label's capsule",
+        _panel(t, out, model, xs, labels, "... and decoded from the true label's capsule",
                "recon_wrong_label.png", "recon/misclassified_as_label", None, as_label=True)
-    out.log_metrics({"recon/mean_sse": mean_sse, "recon/errors_in_sample": float(len(wrong_idx))})
-    out.say(f"mean reconstruction error (sum of squared pixel errors per image) over {m} test images: "
-                  f"{mean_sse:.3f}; {len(wrong_idx)} of them misclassified", soft_wrap=True)
+    if recorded is None:  # (the recorded one is the run's test/recon_loss already)
+        out.log_metrics({"recon/mean_sse": mean_sse, "recon/errors_in_sample": float(wrong_count)})
+    out.say(f"mean reconstruction error (sum of squared pixel errors per image) over {m} test images{where}: "
+            f"{mean_sse:.3f}; {wrong_count} of them misclassified", soft_wrap=True)
     out.report()
     return mean_sse
+
+
+def _recorded(t: TrainedRun, images: int) -> tuple[float, list[int], int] | None:
+    """The mean reconstruction error, first mistakes and their count from the evaluation that wrote the
+    checkpoint (decoded by the prediction, as here), or None if it kept none (recon_weight 0, older files)."""
+    state = t.checkpoint.state
+    row = state.history[-1] if state.history else {}
+    if "test/recon_loss" not in row or "test/error" not in row or state.test_mistakes is None:
+        return None
+    return float(row["test/recon_loss"]), list(state.test_mistakes), round(row["test/error"] * images)
+
+
+def reconstruction_error(t: TrainedRun, model: CapsNet, images: Tensor,
+                         labels: Tensor) -> tuple[float, list[int]]:
+    """Mean reconstruction error over `images` (decoded by the prediction) and the indices of the mistakes."""
+    sse_sum, wrong = 0.0, []
+    for i in range(0, len(images), ERROR_CHUNK):
+        _, preds, sse = capsules.reconstruct_as(model, t.inputs(images[i:i + ERROR_CHUNK]))
+        sse_sum += float(sse.sum())
+        wrong += (i + (preds.cpu() != labels[i:i + ERROR_CHUNK]).nonzero().flatten()).tolist()
+    return sse_sum / max(1, len(images)), wrong
 
 
 def _panel(t: TrainedRun, out: Gallery, model: CapsNet, xs: Tensor, labels: Tensor | None, title: str, name: str,

@@ -317,7 +317,9 @@ class Tracker:
             c.log_artifact(run, args["path"], args["artifact_path"])
         elif op == "image":
             assert image is not None
-            c.log_image(run, image, key=args["key"], step=args["step"])
+            # synchronous: a failure raises here, so the call is buffered like any other (MLflow's async
+            # path would only log it), and nothing waits on MLflow's queue thread at exit (it polls each 1 s)
+            c.log_image(run, image, key=args["key"], step=args["step"], synchronous=True)
         elif op == "end":
             if args["note"]:
                 c.set_tag(run, "mlflow.note.content", args["note"])

@@ -127,7 +127,7 @@ def fit(recipe: Recipe, run: Run, resume: Checkpoint | None = None,
             metrics = t.epoch_metrics(final)
             epoch = state.epoch + 1  # metrics of epoch k are logged at step k
             run.tracker.log_metrics(metrics, step=epoch)
-            improved = state.end_epoch(metrics, final.error)
+            improved = state.end_epoch(metrics, final)
             if improved and cfg.checkpoint.best:
                 best_path = t.checkpoint("best.pt", resumable=False)
             if epoch % cfg.checkpoint.every == 0 or epoch == cfg.epochs:
@@ -307,9 +307,9 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Criterion, *, precis
     """Loss, error and confusion matrix over every batch (no augmentation, decoder masked by the prediction).
     With several processes each evaluates its share and the sums are gathered."""
     sums: dict[str, float] = {}
-    labels_all, preds_all = [], []
+    labels_all, preds_all, indices_all = [], [], []
     with eval_mode(model):
-        for images, labels, targets in batches.epoch(0):
+        for indices, (images, labels, targets) in batches.indexed(0):
             with autocast(device, precision):
                 out = model(images)
                 terms = criterion(out, targets, labels)
@@ -318,15 +318,17 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Criterion, *, precis
                 sums[name] = sums.get(name, 0.0) + per_sample.float().sum().item()
             labels_all.append(labels)
             preds_all.append(predict(out, labels))
+            indices_all.append(indices)
     if group.active:  # every process's predictions (small: one or k labels per image)
         labels_all = [t for part in group.gather([t.cpu() for t in labels_all]) for t in part]
         preds_all = [t for part in group.gather([t.cpu() for t in preds_all]) for t in part]
+        indices_all = [t for part in group.gather([t.cpu() for t in indices_all]) for t in part]
         names = sorted(sums)
         sums = dict(zip(names, group.sum_floats([sums[k] for k in names]), strict=True))
     n = sum(len(x) for x in labels_all)
     parts = {k: v / max(1, n) for k, v in sums.items() if k != "loss"}
     return EvalResult.from_predictions(sums.get("loss", 0.0) / max(1, n), parts, torch.cat(labels_all),
-                                       torch.cat(preds_all), classes)
+                                       torch.cat(preds_all), classes, torch.cat(indices_all).to(preds_all[0].device))
 
 
 DIAGNOSTIC_IMAGES = 100  # test images a model's own diagnostics (e.g. routing) look at each epoch

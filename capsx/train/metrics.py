@@ -23,17 +23,22 @@ class EvalResult:
     confusion: Tensor  # (K, K) int64, rows = true class, columns = prediction (per object)
     classes: list[str] = field(default_factory=list)
     whole: tuple[int, int] | None = None  # (images with every object right, images) when there are several
+    mistakes: Tensor | None = None  # (M,) int64 ascending: the examples not all right, by index in the split
 
     @classmethod
     def from_predictions(cls, loss: float, parts: dict[str, float], labels: Tensor, predictions: Tensor,
-                         classes: list[str]) -> EvalResult:
-        """labels and predictions (N,), or (N, k) for k objects per image."""
+                         classes: list[str], indices: Tensor | None = None) -> EvalResult:
+        """labels and predictions (N,), or (N, k) for k objects per image; `indices`: (N,) each example's
+        index in its split, to name the mistakes by."""
+        mistakes = None
+        if indices is not None:
+            mistakes = indices[~all_right(labels, predictions)].sort().values
         if labels.dim() == 1:
-            return cls(loss, parts, confusion_matrix(labels, predictions, len(classes)), classes)
+            return cls(loss, parts, confusion_matrix(labels, predictions, len(classes)), classes, mistakes=mistakes)
         matched_labels, matched_preds = match_objects(labels, predictions)
         confusion = confusion_matrix(matched_labels.flatten(), matched_preds.flatten(), len(classes))
         right = int(all_right(labels, predictions).sum())
-        return cls(loss, parts, confusion, classes, whole=(right, len(labels)))
+        return cls(loss, parts, confusion, classes, whole=(right, len(labels)), mistakes=mistakes)
 
     @property
     def images(self) -> int:

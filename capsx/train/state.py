@@ -11,7 +11,9 @@ import torch
 from capsx.models import ModelOutput
 from capsx.train.distributed import Group
 from capsx.train.losses import LossTerms
-from capsx.train.metrics import all_right, predict
+from capsx.train.metrics import EvalResult, all_right, predict
+
+MISTAKES_KEPT = 100  # test mistakes a checkpoint names (its count is in the metrics)
 
 
 @dataclass
@@ -66,15 +68,20 @@ class TrainState:
     bad_epochs: int = 0  # epochs since the best test error (early stopping)
     totals: EpochTotals = field(default_factory=EpochTotals)
     history: list[dict[str, float]] = field(default_factory=list)  # one row of metrics per epoch
+    # The first test examples the last evaluation got wrong (indices in the test split): what `reconstruct`
+    # draws, and how a checkpoint shows its mistakes without evaluating again. None: not recorded.
+    test_mistakes: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def end_epoch(self, metrics: dict[str, float], error: float) -> bool:
-        """Close the epoch in progress: its metrics into the history, the best test error and the epochs
-        since it (early stopping). True if the error improved."""
-        epoch = self.epoch + 1
+    def end_epoch(self, metrics: dict[str, float], final: EvalResult) -> bool:
+        """Close the epoch in progress: its metrics into the history, its first mistakes, the best test
+        error and the epochs since it (early stopping). True if the error improved."""
+        epoch, error = self.epoch + 1, final.error
         self.history.append({"epoch": epoch, **metrics})
+        if final.mistakes is not None:
+            self.test_mistakes = final.mistakes[:MISTAKES_KEPT].tolist()
         improved = self.best_error is None or error < self.best_error
         if improved:
             self.best_error, self.best_epoch, self.bad_epochs = error, epoch, 0
