@@ -76,6 +76,7 @@ class TrackingConfig(Section):
     experiment: str | None = None  # default: the recipe's name
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
     run_name: str | None = None
+    pictures_every: int = Field(1, ge=0)  # log the run's pictures after every N-th epoch's evaluation; 0: never
 
 
 class Recipe(Section):

@@ -20,7 +20,7 @@ def test_jobs_called_from_python_print_nothing_and_return_their_results(workdir,
 
     t = open_run(done.run_id, ctx)
     assert t.run_id == done.run_id and t.epoch == 1 and t.tracking_uri is None
-    with Gallery(t, ctx) as out:
+    with Gallery.open(t, ctx) as out:
         run_perturb(t, out, dims=None, value_range=(-0.25, 0.25), steps=3, cls=None, samples=None, image=None,
                     class_mean=False)
     assert not out.tracker.active  # trained with tracking off: nothing to log to

@@ -16,6 +16,8 @@ from capsx.data.user_image import load_user_image
 from capsx.errors import CapsxError
 from capsx.models import MODELS, build_model
 from capsx.pictures import canvas, capsules, inside
+from capsx.recipe import recipe_from_dict
+from capsx.train.checkpoint import Checkpoint
 from tests.conftest import TINY_CAPSNET, tiny_recipe
 
 runner = CliRunner()
@@ -269,8 +271,6 @@ def test_reconstruct_quotes_the_checkpoints_evaluation_and_it_matches_a_fresh_me
     measured, measured_wrong, line = said(["--error-images", "32"])
     assert "from the evaluation" not in line
     assert recorded == pytest.approx(measured, rel=1e-4) and recorded_wrong == measured_wrong
-    from capsx.train.checkpoint import Checkpoint
-
     best = Checkpoint.read(next(trained.glob("runs/tiny/*/checkpoints/best.pt")))
     assert best.state.test_mistakes is not None and len(best.state.test_mistakes) == recorded_wrong
     from capsx.jobs.context import Context
@@ -281,3 +281,50 @@ def test_reconstruct_quotes_the_checkpoints_evaluation_and_it_matches_a_fresh_me
     test = t.test_set()
     _, wrong = reconstruction_error(t, t.model, test.images, test.labels)
     assert best.state.test_mistakes == wrong  # the same images, named by their index in the test split
+
+
+def _logged_steps(uri: str, run_id: str) -> dict[str, list[int]]:
+    """key -> the steps its images were logged at, read back through MLflow (its files: key+step+N+...)."""
+    steps: dict[str, list[int]] = {}
+    for a in MlflowClient(uri).list_artifacts(run_id, "images"):
+        if a.path.endswith(".png"):
+            key, _, step = a.path.split("/")[1].split("+")[:3]
+            steps.setdefault(key.replace("~", "/"), []).append(int(step))
+    return {k: sorted(v) for k, v in steps.items()}
+
+
+@pytest.mark.parametrize("every,steps", [(1, [1, 2, 3]), (2, [2]), (0, [])])
+def test_training_logs_its_pictures_epoch_by_epoch(workdir, every, steps):
+    """The pictures of a 3-epoch CapsNet run, at step = epoch, under the picture commands' keys; and a
+    picture command afterwards lands at the checkpoint's epoch."""
+    recipe = workdir / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(train={"epochs": 3, "seed": 0},
+                                                 tracking={"pictures_every": every})))
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    uri = f"sqlite:///{workdir}/runs/mlflow.db"
+    run_id = next(workdir.glob("runs/tiny/*/run.json")).parent.name
+    logged = _logged_steps(uri, run_id)
+    keys = ["filters/conv1", "activations/conv1", "activations/primary_lengths", "recon/test", "routing/couplings"]
+    if steps:
+        assert all(logged.get(k) == steps for k in keys), logged
+        assert any(k.startswith("perturb/class") and v == steps for k, v in logged.items()), logged
+        cost = MlflowClient(uri).get_metric_history(run_id, "time/pictures_s")
+        assert [m.step for m in cost] == steps and all(m.value > 0 for m in cost)
+    else:
+        assert logged == {}
+    best = Checkpoint.read(next(workdir.glob("runs/tiny/*/checkpoints/best.pt")))
+    assert runner.invoke(app, ["visualize", "filters"]).exit_code == 0
+    assert _logged_steps(uri, run_id)["filters/conv1"] == sorted([*steps, best.epoch])
+
+
+def test_a_cnn_training_logs_filters_activations_and_saliency(workdir):
+    recipe = workdir / "cnn.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(model={"name": "convnet_small", "channels": [4, 8], "hidden": [16]},
+                                                 train={"epochs": 2, "seed": 0})))
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    run_id = next(workdir.glob("runs/tiny/*/run.json")).parent.name
+    logged = _logged_steps(f"sqlite:///{workdir}/runs/mlflow.db", run_id)
+    label = Checkpoint.read(next(workdir.glob("runs/tiny/*/checkpoints/best.pt")))  # the run's own test #0:
+    first = recipe_from_dict(label.recipe, "t").data.load_test_split(workdir).labels[0]
+    assert logged == {"filters/features.0": [1, 2], "activations/features.0": [1, 2],
+                      f"saliency/class{int(first)}": [1, 2]}, logged  # its own class's map: one key

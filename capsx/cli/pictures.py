@@ -41,7 +41,7 @@ def _pictures(ctx: Context, run: str | None, checkpoint: Path | None) -> Iterato
         from capsx.jobs.trained import open_run, run_or_checkpoint
 
         t = open_run(run_or_checkpoint(run, checkpoint), ctx)
-        out = Gallery(t, ctx, background)
+        out = Gallery.open(t, ctx, background)
     except BaseException:
         if background is not None:
             with contextlib.suppress(CapsxError):  # the opening's own error is the one to show

@@ -28,34 +28,38 @@ def run_perturb(t: TrainedRun, out: Gallery, *, dims: list[int] | None, value_ra
         caps, preds = capsules.class_capsules(model, t.inputs(test.images))
         wanted = [cls] if cls is not None else list(range(len(t.classes)))
         vectors = [capsules.class_mean_capsule(caps, preds, test.labels.to(preds.device), k) for k in wanted]
-        sources = list(zip(wanted, vectors, [f"class {t.classes[k]} mean" for k in wanted], strict=True))
+        sources = [(k, v, f"class {t.classes[k]} mean", k) for k, v in zip(wanted, vectors, strict=True)]
         stem, key_kind = "mean", "_mean"
     else:
         xs, labels, names = choose_inputs(t, image, cls, samples, default_per_class=not all_dims or cls is None)
         found = model(xs)
-        sources = [(int(k), v[int(k)], name)
-                   for k, v, name in zip(found.prediction, found.capsules, names, strict=True)]
+        # keyed by the input's label where it has one: the same test image stays on one slider however the
+        # prediction (whose capsule is decoded) changes from epoch to epoch
+        keyed = labels.tolist() if labels is not None and labels.dim() == 1 else found.prediction.tolist()
+        sources = [(int(k), v[int(k)], name, int(c))
+                   for k, v, name, c in zip(found.prediction, found.capsules, names, keyed, strict=True)]
         stem, key_kind = "sample", ""
     cols = len(deltas)
     col_labels = _digits(deltas)
     if len(dims) == 1:  # one grid: a row per source
-        rows = [capsules.perturb_capsule(model, v, k, dims, deltas)[0] for k, v, _ in sources]
+        rows = [capsules.perturb_capsule(model, v, k, dims, deltas)[0] for k, v, _, _ in sources]
         tiles = canvas.to_uint8(torch.cat(rows))
         img = canvas.grid(list(tiles), cols, scale=2)
-        img = canvas.label_grid(img, len(rows), cols, [f"{n} ({t.classes[k]})" for k, _, n in sources], col_labels)
+        img = canvas.label_grid(img, len(rows), cols, [f"{n} ({t.classes[k]})" for k, _, n, _ in sources], col_labels)
         img = canvas.caption_above(img, [f"dimension {dims[0]} of the winning class capsule, shifted by each value"])
         name = f"perturb_dim{dims[0]}{'_mean' if class_mean else ''}.png"
         out.publish(img, name, key=f"perturb/dim{dims[0]}{key_kind}")
     else:  # one grid per source: a row per dimension
         per_class_count: dict[int, int] = {}
-        for k, v, name in sources:
+        for k, v, name, c in sources:
             pics = capsules.perturb_capsule(model, v, k, dims, deltas)  # (dims, cols, C, H, W)
             img = canvas.grid(list(canvas.to_uint8(pics.flatten(0, 1))), cols, scale=2)
             img = canvas.label_grid(img, len(dims), cols, [f"dim {d}" for d in dims], col_labels)
             img = canvas.caption_above(img, [f"{name}: class {t.classes[k]} capsule, one dimension per row"])
-            step = per_class_count.get(k, 0)
-            per_class_count[k] = step + 1
-            out.publish(img, f"perturb_{stem}_class{k}_{step}.png", key=f"perturb/class{k}{key_kind}", step=step)
+            i = per_class_count.get(c, 0)
+            per_class_count[c] = i + 1
+            out.publish(img, f"perturb_{stem}_class{c}_{i}.png",
+                        key=f"perturb/class{c}{key_kind}" + (f"_{i}" if i else ""))
     out.report()
 
 

@@ -4,6 +4,7 @@ its MLflow run under stable keys), and the inputs it draws (test images, or the 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,29 +20,36 @@ from capsx.track.tracker import NullTracker, Tracker
 
 
 class Gallery:
-    """A run's pictures: saved under its directory and logged to its run (unless tracking is off for it).
-    `background`: a `TrackerProcess` started before torch was imported, to log through (MLflow's start-up
-    ran on another core meanwhile); closed at once if there is nothing to log. Use it as a context
-    manager: leaving it waits until every image is in the store."""
+    """A run's pictures: saved under its directory and logged to its run at one step (unless tracking is
+    off for it). Use it as a context manager: leaving it waits until every image is in the store."""
 
-    def __init__(self, run: TrainedRun, ctx: Context, background: TrackerProcess | None = None) -> None:
-        self.run = run
-        self.say = ctx.say
-        self.dir = (run.run_dir / "pictures" if run.run_dir is not None
-                    else ctx.runs_dir / "_pictures" / (run.run_id or run.path.stem))
-        self.tracker: Tracker | TrackerProcess | NullTracker = NullTracker(run.run_id or "")
-        if ctx.track and run.run_id and run.tracking_uri:
-            self.tracker = (background.attach(run.tracking_uri, run.run_id) if background is not None
-                            else Tracker.attach(run.tracking_uri, run.run_id))
-        elif background is not None:
-            background.close()  # nothing to log: the process ends at once
+    def __init__(self, run: TrainedRun, directory: Path, tracker: Tracker | TrackerProcess | NullTracker,
+                 say: Callable[..., None], step: int) -> None:
+        self.run, self.dir, self.tracker, self.say, self.step = run, directory, tracker, say, step
         self.written: list[Path] = []
 
-    def publish(self, image: np.ndarray, name: str, key: str, step: int = 0) -> Path:
-        """Save `image` as pictures/NAME and log it under `key` (the MLflow UI pages through `step`)."""
+    @classmethod
+    def open(cls, run: TrainedRun, ctx: Context, background: TrackerProcess | None = None) -> Gallery:
+        """A picture command's: pictures/ of the run directory (else <runs>/_pictures/<run>/), logged at the
+        checkpoint's epoch, so an after-the-fact picture lands where the training's own are on the slider.
+        `background`: a `TrackerProcess` started before torch was imported, to log through (MLflow's
+        start-up ran on another core meanwhile); closed at once if there is nothing to log."""
+        directory = (run.run_dir / "pictures" if run.run_dir is not None
+                     else ctx.runs_dir / "_pictures" / (run.run_id or run.path.stem))
+        tracker: Tracker | TrackerProcess | NullTracker = NullTracker(run.run_id or "")
+        if ctx.track and run.run_id and run.tracking_uri:
+            tracker = (background.attach(run.tracking_uri, run.run_id) if background is not None
+                       else Tracker.attach(run.tracking_uri, run.run_id))
+        elif background is not None:
+            background.close()  # nothing to log: the process ends at once
+        return cls(run, directory, tracker, ctx.say, run.epoch)
+
+    def publish(self, image: np.ndarray, name: str, key: str) -> Path:
+        """Save `image` as pictures/NAME and log it under `key` at the gallery's step (the MLflow UI pages
+        through a key's steps)."""
         path = canvas.save_png(image, self.dir / name)
         self.written.append(path)
-        self.tracker.log_image(image, key=key, step=step)
+        self.tracker.log_image(image, key=key, step=self.step)
         return path
 
     def publish_file(self, image: np.ndarray, name: str, artifact_path: str) -> Path:
@@ -52,8 +60,8 @@ class Gallery:
         return path
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        """Numbers a picture command measured, at the run's last epoch."""
-        self.tracker.log_metrics(metrics, step=self.run.epoch)
+        """Numbers a picture command measured, at the gallery's step."""
+        self.tracker.log_metrics(metrics, step=self.step)
 
     def report(self) -> None:
         """Say what was written, once every image is in the store."""

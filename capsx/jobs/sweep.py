@@ -103,7 +103,7 @@ def run_sweep(refs: list[str], spec: SweepSpec, ctx: Context, *, images: int | N
     metric series per run (`sweep/<name>/acc` and `sweep/<name>/value`, step = the value's index)
     and one plot of every run's curve, saved beside each run and logged to it."""
     trained = [open_run(ref, ctx) for ref in refs]
-    galleries = [Gallery(t, ctx) for t in trained]
+    galleries = [Gallery.open(t, ctx) for t in trained]
     results: dict[str, Sequence[float]] = {}
     for t, out in zip(trained, galleries, strict=True):
         label = f"{t.recipe.name} ({t.recipe.model.name}, {str(t.run_id or t.path.stem)[:8]})"

@@ -35,6 +35,7 @@ class TrainedRun:
     data_root: Path
     run_dir: Path | None  # None: a checkpoint file outside any run directory
     tracking_uri: str | None  # the store its MLflow run is in; None: trained with tracking off
+    preloaded_test: Examples | None = None  # its test split, when the caller holds it already (a training)
 
     @property
     def path(self) -> Path:
@@ -64,7 +65,8 @@ class TrainedRun:
 
     def test_set(self, limit: int | None = None) -> ImageSet:
         """The first `limit` test examples (by default all, or the first GENERATED_LIMIT of a generated set)."""
-        test: Examples = self.recipe.data.load_test_split(self.data_root)
+        test = self.preloaded_test if self.preloaded_test is not None else self.recipe.data.load_test_split(
+            self.data_root)
         if limit is None:
             limit = len(test) if isinstance(test, ImageSet) else GENERATED_LIMIT
         return test.head(limit)

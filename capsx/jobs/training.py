@@ -19,6 +19,7 @@ from capsx import __version__
 from capsx.console import ProgressReporter, fit_summary_table
 from capsx.errors import RunError
 from capsx.jobs.context import Context, silent
+from capsx.jobs.epoch_pictures import epoch_pictures
 from capsx.jobs.evaluation import confusion_dict
 from capsx.models.transfer import check_transfer
 from capsx.recipe import Recipe
@@ -63,8 +64,9 @@ def run_training(recipe: Recipe, ctx: Context, *, recipe_path: str, resume: Chec
         say(f"  tracking {tracker.uri}" if tracker.active else "  tracking off", soft_wrap=True)
         reporter = ProgressReporter() if group.is_main and ctx.progress else QuietReporter()
         try:
-            result = fit(recipe, Run(device=device, data_root=root, run_dir=run_dir, tracker=tracker,
-                                     reporter=reporter, group=group), resume=resume, splits=splits)
+            run = Run(device=device, data_root=root, run_dir=run_dir, tracker=tracker, reporter=reporter, group=group)
+            run.after_epoch = epoch_pictures(recipe, run, tracker, splits.test, tracker.uri)
+            result = fit(recipe, run, resume=resume, splits=splits)
         except Interrupted as stop:
             reporter.close()
             return _interrupted(stop, tracker, run_dir, group, say)

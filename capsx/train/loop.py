@@ -102,6 +102,8 @@ class Run:
     tracker: RunLog
     reporter: Reporter = field(default_factory=QuietReporter)
     group: Group = SINGLE  # the processes training together (one, unless under torchrun)
+    # called by the main process after each epoch's evaluation and checkpoints (the epoch's pictures)
+    after_epoch: Callable[[nn.Module, TrainState], None] | None = None
 
 
 def fit(recipe: Recipe, run: Run, resume: Checkpoint | None = None,
@@ -132,6 +134,8 @@ def fit(recipe: Recipe, run: Run, resume: Checkpoint | None = None,
                 best_path = t.checkpoint("best.pt", resumable=False)
             if epoch % cfg.checkpoint.every == 0 or epoch == cfg.epochs:
                 last_path = t.checkpoint("last.pt")
+            if run.after_epoch is not None and group.is_main:
+                run.after_epoch(t.model, state)
             run.reporter.epoch_end(epoch, metrics)
             patience = cfg.early_stopping_patience
             if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.epochs:

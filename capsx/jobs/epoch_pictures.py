@@ -1,0 +1,82 @@
+"""The pictures a training logs as it goes: after every `tracking.pictures_every`-th epoch's evaluation,
+at step = the epoch, under the keys the picture commands use, for the same test inputs every epoch (so
+the MLflow UI's slider shows the model changing, not the input). They are the picture commands' own
+drawings, made from the model in memory: the first conv layer's filters and activations (a CapsNet's
+primary-capsule lengths too); for a CapsNet with a decoder the reconstructions with the epoch's mistakes
+(Fig. 3, or Fig. 5 for two digits), one Fig. 4 grid and the routing couplings; for a CNN a saliency map."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from capsx.data.imageset import Examples
+from capsx.jobs.context import silent
+from capsx.jobs.perturb import run_perturb
+from capsx.jobs.pictures import Gallery
+from capsx.jobs.reconstruct import run_reconstruct
+from capsx.jobs.trained import TrainedRun
+from capsx.jobs.visualize import run_activations, run_filters, run_routing, run_saliency
+from capsx.models.capsnet import CapsNet
+from capsx.recipe import Recipe
+from capsx.track.tracker import NullTracker, Tracker
+from capsx.train.checkpoint import Checkpoint
+from capsx.train.loop import Run
+from capsx.train.state import TrainState
+
+PAIR_ERROR_IMAGES = 100  # two-digit runs: the pairs an epoch's reconstruction error is taken over
+
+Job = Callable[[TrainedRun, Gallery], object]
+
+
+def epoch_pictures(recipe: Recipe, run: Run, tracker: Tracker | NullTracker, test: Examples,
+                   tracking_uri: str | None) -> Callable[[nn.Module, TrainState], None] | None:
+    """The training's `after_epoch`: draws and logs the epoch's pictures; None when there is nothing to
+    log them to or `tracking.pictures_every` is 0."""
+    every = recipe.tracking.pictures_every
+    if every == 0 or not tracker.active:
+        return None
+
+    def draw(model: nn.Module, state: TrainState) -> None:
+        if state.epoch % every:
+            return
+        trained = TrainedRun(recipe, model, Checkpoint(recipe.to_dict(), {}, state, tracker.run_id), run.device,
+                             run.data_root, run.run_dir, tracking_uri, preloaded_test=test)
+        gallery = Gallery(trained, Path(run.run_dir) / "pictures", tracker, silent, state.epoch)
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()  # not eval_mode: its inference mode would stop the saliency maps' gradients
+        try:
+            for job in jobs_for(model, recipe.data.objects):
+                job(trained, gallery)
+        finally:
+            model.train(was_training)
+        tracker.log_metrics({"time/pictures_s": time.perf_counter() - start}, step=state.epoch)  # their cost
+
+    return draw
+
+
+def jobs_for(model: nn.Module, objects: int) -> list[Job]:
+    """What a model's epoch pictures are, as picture-command calls."""
+    jobs: list[Job] = [lambda t, out: run_filters(t, out, layer=None, in_channel=None),
+                       lambda t, out: run_activations(t, out, layer=None, index=0, image=None)]
+    if not isinstance(model, CapsNet):
+        return [*jobs, _saliency_of_the_label]
+    if model.decoder is not None:
+        jobs.append(lambda t, out: run_reconstruct(t, out, count=10, misclassified=10, force_class=None, image=None,
+                                                   error_images=None if objects == 1 else PAIR_ERROR_IMAGES))
+        if objects == 1:
+            jobs.append(lambda t, out: run_perturb(t, out, dims=None, value_range=(-0.25, 0.25), steps=11, cls=None,
+                                                   samples=1, image=None, class_mean=False))
+    jobs.append(lambda t, out: run_routing(t, out, index=0, image=None))
+    return jobs
+
+
+def _saliency_of_the_label(t: TrainedRun, out: Gallery) -> None:
+    """What drives the first test image's own class (not the prediction, which changes): one key throughout."""
+    label = t.test_set(1).labels[0]
+    cls = int(label) if label.dim() == 0 else None
+    run_saliency(t, out, index=0, image=None, cls=cls, method="integrated-gradients", layer=None, steps=32)
