@@ -75,8 +75,9 @@ class TrainConfig(Section):
 class TrackingConfig(Section):
     experiment: str | None = None  # default: the recipe's name
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
-    run_name: str | None = None
+    run_name: str | None = None  # default: <recipe>-s<seed>-<4 hex digits>, e.g. mnist-capsnet-s0-3f9a
     pictures_every: int = Field(1, ge=0)  # log the run's pictures after every N-th epoch's evaluation; 0: never
+    system_metrics: bool = True  # MLflow's CPU, memory (and GPU, with pynvml) metrics on training runs
 
 
 class Recipe(Section):

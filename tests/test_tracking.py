@@ -147,3 +147,27 @@ def test_the_tracking_process_logs_exactly_what_it_is_given_and_says_why_when_it
     with pytest.raises(CapsxError, match="tracking store .*mlflow.db") as err:
         ghost.close()
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("system", [True, False])
+def test_a_training_run_is_named_marked_as_training_and_samples_the_system(workdir, monkeypatch, system):
+    """Its name says what it is (recipe, seed) and tells it apart; its experiment is marked for MLflow 3's UI
+    as model training (it opens on the runs table, not the GenAI overview); the CPU and memory are sampled."""
+    import re
+
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    recipe = workdir / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(train={"epochs": 2, "seed": 7},
+                                                 tracking={"system_metrics": system, "pictures_every": 0})))
+    assert CliRunner().invoke(app, ["train", str(recipe)]).exit_code == 0
+    client = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert re.fullmatch(r"tiny-s7-[0-9a-f]{4}", run.info.run_name), run.info.run_name
+    sampled = [k for k in run.data.metrics if k.startswith("system/")]
+    if system:
+        assert "system/cpu_utilization_percentage" in sampled and "system/system_memory_usage_megabytes" in sampled
+    else:
+        assert sampled == []

@@ -15,6 +15,8 @@ from capsx.cli.app import app, handles_errors
 from capsx.cli.options import RunsDirOpt, TrackingOpt
 from capsx.errors import CapsxError
 
+TRAINING_VIEW = "#/experiments?workflowType=machine_learning"  # the experiments' runs tables, not GenAI's pages
+
 
 @app.command()
 @handles_errors
@@ -32,8 +34,9 @@ def ui(
     store = local_store_dir(uri)
     if store is not None:
         args += ["--default-artifact-root", (store / "artifacts").resolve().as_uri()]
-    _become_mlflow(args, host, port, f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C to stop)",
-                   env={"MLFLOW_TRACKING_URI": uri})
+    # MLflow 3's UI opens on its GenAI pages unless told the model-training view (remembered once toggled)
+    _become_mlflow(args, host, port, f"MLflow UI for {uri} at http://{host}:{port}/{TRAINING_VIEW} "
+                                     "(Ctrl-C to stop)", env={"MLFLOW_TRACKING_URI": uri})
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import platform
+import secrets
 import signal
 import subprocess
 import time
@@ -101,6 +102,8 @@ def _open_tracking(recipe: Recipe, ctx: Context, group: Group, device: torch.dev
         uri = ctx.tracking_uri or (info.tracking_uri if info else None)
         tracker = (Tracker.attach(uri, resume.run_id, reopen=True, buffer_dir=run_dir) if (uri and ctx.track)
                    else NullTracker(resume.run_id))
+        if isinstance(tracker, Tracker) and recipe.tracking.system_metrics:
+            tracker.monitor_system(resume=True)
     else:
         uri = ctx.store(recipe.tracking.uri)
         ensure_writable(ctx.runs_dir)  # before an MLflow run exists that could not be finished
@@ -108,7 +111,10 @@ def _open_tracking(recipe: Recipe, ctx: Context, group: Group, device: torch.dev
             tags = run_tags(recipe, device)
             if parent_run_id is not None:
                 tags["mlflow.parentRunId"] = parent_run_id  # what makes MLflow show it nested
-            tracker = Tracker.start(uri, experiment, run_name=recipe.tracking.run_name, tags=tags)
+            tracker = Tracker.start(uri, experiment, run_name=recipe.tracking.run_name or default_run_name(recipe),
+                                    tags=tags)
+            if recipe.tracking.system_metrics:
+                tracker.monitor_system()
         else:
             tracker = NullTracker(uuid.uuid4().hex)
         run_dir = make_run_dir(ctx.runs_dir, experiment, tracker.run_id)
@@ -145,6 +151,11 @@ def _end(tracker: Tracker | NullTracker, run_dir: Path, status: str, say: Callab
     if left:
         say(f"[yellow]the tracking store did not take {left} call(s); they are kept in {run_dir}; "
                       f"send them when it is back with: capsx sync {run_dir}[/]", soft_wrap=True)
+
+
+def default_run_name(recipe: Recipe) -> str:
+    """<recipe>-s<seed>-<4 random hex digits>: what it is, and enough to tell two of it apart."""
+    return f"{recipe.name}-s{recipe.train.seed}-{secrets.token_hex(2)}"
 
 
 def run_tags(recipe: Recipe, device: torch.device) -> dict[str, str]:

@@ -27,6 +27,7 @@ try:
 except ImportError:  # Windows: no advisory locks; concurrent first runs must be avoided there
     fcntl = None  # type: ignore[assignment]
 
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # MLflow 3's kinds
 DEFAULT_STORE = "mlflow.db"  # the default store: a SQLite file in the runs directory
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
@@ -150,6 +151,7 @@ class Tracker:
         self.buffer_dir = buffer_dir
         self.notify = notify or (lambda message: None)
         self._last_attempt = 0.0
+        self._monitor: Any = None  # MLflow's system-metrics sampler, while one runs
 
     @classmethod
     def start(cls, uri: str, experiment: str, *, run_name: str | None = None,
@@ -172,12 +174,27 @@ class Tracker:
         return tracker
 
     def _experiment_id(self, name: str) -> str:
+        """The experiment's id, created if new; either way tagged with MLflow 3's experiment kind, model
+        training (the UI's view is chosen by its URL: `capsx ui` prints the model-training one)."""
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return str(exp.experiment_id)
-        store = local_store_dir(self.uri)
-        location = (store / "artifacts" / name).resolve().as_uri() if store is not None else None
-        return str(self.client.create_experiment(name, artifact_location=location))
+        if exp is None:
+            store = local_store_dir(self.uri)
+            location = (store / "artifacts" / name).resolve().as_uri() if store is not None else None
+            experiment_id = str(self.client.create_experiment(name, artifact_location=location,
+                                                              tags={EXPERIMENT_KIND: MODEL_TRAINING}))
+        else:
+            experiment_id = str(exp.experiment_id)
+            if exp.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        return experiment_id
+
+    def monitor_system(self, resume: bool = False) -> None:
+        """Log MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml is installed) to this
+        run every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) until `end`; `resume` continues the steps."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+        self._monitor.start()
 
     @property
     def active(self) -> bool:
@@ -210,6 +227,9 @@ class Tracker:
 
     def end(self, status: str = "FINISHED", note: str | None = None) -> int:
         """End the run; returns how many calls are still waiting in the buffer (0: all delivered)."""
+        if self._monitor is not None:
+            self._monitor.finish()  # wakes at once, logs what it sampled
+            self._monitor = None
         self._submit("end", {"status": status, "note": note})
         for wait in (0.5, 1.0, 2.0):  # a busy local database frees up in moments; a dead server does not
             if not self.pending():
