@@ -168,6 +168,9 @@ def trained(tmp_path_factory):
     (["reconstruct", "--count", "6", "--error-images", "32"], ["recon_test.png"], ["recon/test"]),
     (["reconstruct", "--force-class", "4", "--count", "4"], ["recon_test_as4.png"], ["recon/test_as4"]),
     (["visualize", "filters"], ["filters_conv1.png"], ["filters/conv1"]),
+    (["visualize"], ["filters_conv1.png", "activations_conv1.png", "routing_couplings.png",
+                     "saliency_integrated-gradients_class*.png", "top_conv1_0.png"],
+     ["filters/conv1", "routing/couplings", "top_activating/conv1_0"]),
     (["visualize", "activations", "--index", "2"], ["activations_conv1.png", "activations_primary_lengths.png"],
      ["activations/conv1", "activations/primary_lengths"]),
     (["visualize", "routing", "--index", "1"], ["routing_couplings.png"], ["routing/couplings"]),
@@ -328,3 +331,20 @@ def test_a_cnn_training_logs_filters_activations_and_saliency(workdir):
     first = recipe_from_dict(label.recipe, "t").data.load_test_split(workdir).labels[0]
     assert logged == {"filters/features.0": [1, 2], "activations/features.0": [1, 2],
                       f"saliency/class{int(first)}": [1, 2]}, logged  # its own class's map: one key
+
+
+def test_perturbation_columns_never_read_minus_zero():
+    from capsx.jobs.perturb import _digits
+
+    assert _digits(torch.linspace(-0.25, 0.25, 11))[5] == "+0.00"
+    assert _digits(torch.tensor([-0.004, -1e-8, -0.0, 0.006])) == ["+0.00", "+0.00", "+0.00", "+0.01"]
+
+
+def test_pictures_of_an_untracked_run_say_where_they_go(workdir):
+    recipe = workdir / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe()))
+    assert runner.invoke(app, ["train", str(recipe), "--no-track"]).exit_code == 0
+    res = runner.invoke(app, ["visualize", "filters"])
+    assert res.exit_code == 0, res.output
+    assert "trained with tracking off (--no-track): its pictures go to" in res.output.replace("\n", " ")
+    assert "logged" not in res.output

@@ -141,8 +141,28 @@ def reconstruct(
 
 
 visualize_app = typer.Typer(help="Look inside a trained model: filters, activations, routing, saliency, "
-                                 "top-activating images.", no_args_is_help=True)
+                                 "top-activating images; with no subcommand, all of them.",
+                            invoke_without_command=True)
 app.add_typer(visualize_app, name="visualize")
+
+
+@visualize_app.callback()
+@handles_errors
+def visualize_all(
+    ctx: typer.Context,
+    run: RunOpt = None, checkpoint: CheckpointOpt = None, data_root: DataRootOpt = None,
+    tracking_uri: TrackingOpt = None, runs_dir: RunsDirOpt = Path("runs"), log: LogOpt = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Every picture below with its defaults (the routing only for a CapsNet), when no subcommand is given."""
+    if ctx.invoked_subcommand is not None:
+        return
+    context_ = context(runs_dir, tracking_uri, data_root, track=log, device=device)
+    with _pictures(context_, run, checkpoint) as (t, out):
+        from capsx.jobs.epoch_pictures import visualize_jobs
+
+        for job in visualize_jobs(t.model):
+            job(t, out)
 LayerOpt = Annotated[str | None, typer.Option("--layer", help="A layer name as `capsx summary` lists it "
                                                               "(default: the first conv layer).")]
 IndexOpt = Annotated[int, typer.Option("--index", help="Which test image.")]

@@ -19,7 +19,7 @@ from capsx.jobs.perturb import run_perturb
 from capsx.jobs.pictures import Gallery
 from capsx.jobs.reconstruct import run_reconstruct
 from capsx.jobs.trained import TrainedRun
-from capsx.jobs.visualize import run_activations, run_filters, run_routing, run_saliency
+from capsx.jobs.visualize import run_activations, run_filters, run_routing, run_saliency, run_top_activating
 from capsx.models.capsnet import CapsNet
 from capsx.recipe import Recipe
 from capsx.track.tracker import NullTracker, Tracker
@@ -80,3 +80,15 @@ def _saliency_of_the_label(t: TrainedRun, out: Gallery) -> None:
     label = t.test_set(1).labels[0]
     cls = int(label) if label.dim() == 0 else None
     run_saliency(t, out, index=0, image=None, cls=cls, method="integrated-gradients", layer=None, steps=32)
+
+
+def visualize_jobs(model: nn.Module) -> list[Job]:
+    """`capsx visualize` with no subcommand: each of its pictures with the defaults."""
+    jobs: list[Job] = [lambda t, out: run_filters(t, out, layer=None, in_channel=None),
+                       lambda t, out: run_activations(t, out, layer=None, index=0, image=None)]
+    if isinstance(model, CapsNet):
+        jobs.append(lambda t, out: run_routing(t, out, index=0, image=None))
+    jobs += [lambda t, out: run_saliency(t, out, index=0, image=None, cls=None, method="integrated-gradients",
+                                         layer=None, steps=32),
+             lambda t, out: run_top_activating(t, out, layer=None, channel=0, k=16, limit=2000)]
+    return jobs

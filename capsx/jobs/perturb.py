@@ -64,4 +64,5 @@ def run_perturb(t: TrainedRun, out: Gallery, *, dims: list[int] | None, value_ra
 
 
 def _digits(values: Tensor) -> list[str]:
-    return [f"{v if abs(v) > 1e-9 else 0.0:+.2f}" for v in values.tolist()]
+    """Column labels to 2 decimals; a value that rounds to zero reads +0.00, never -0.00."""
+    return [f"{round(v, 2) + 0.0:+.2f}" for v in values.tolist()]

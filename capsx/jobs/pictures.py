@@ -27,6 +27,7 @@ class Gallery:
                  say: Callable[..., None], step: int) -> None:
         self.run, self.dir, self.tracker, self.say, self.step = run, directory, tracker, say, step
         self.written: list[Path] = []
+        self._reported, self._closed = 0, False
 
     @classmethod
     def open(cls, run: TrainedRun, ctx: Context, background: TrackerProcess | None = None) -> Gallery:
@@ -40,8 +41,12 @@ class Gallery:
         if ctx.track and run.run_id and run.tracking_uri:
             tracker = (background.attach(run.tracking_uri, run.run_id) if background is not None
                        else Tracker.attach(run.tracking_uri, run.run_id))
-        elif background is not None:
-            background.close()  # nothing to log: the process ends at once
+        else:
+            if background is not None:
+                background.close()  # nothing to log: the process ends at once
+            if ctx.track and run.tracking_uri is None:
+                ctx.say(f"[yellow]run {run.label} was trained with tracking off (--no-track): its pictures go to "
+                        f"{directory} only[/]", soft_wrap=True)
         return cls(run, directory, tracker, ctx.say, run.epoch)
 
     def publish(self, image: np.ndarray, name: str, key: str) -> Path:
@@ -64,17 +69,21 @@ class Gallery:
         self.tracker.log_metrics(metrics, step=self.step)
 
     def report(self) -> None:
-        """Say what was written, once every image is in the store."""
-        for path in self.written:
+        """Say what was written since the last report."""
+        for path in self.written[self._reported:]:
             self.say(f"  wrote {path}", soft_wrap=True)
-        self.close()
-        if self.tracker.active and self.written:
-            self.say(f"  logged {len(self.written)} image(s) to run {self.run.run_id}", soft_wrap=True)
+        self._reported = len(self.written)
 
     def close(self) -> None:
-        """Wait for the tracking process (if any) to have applied every call; its error is raised here."""
+        """Wait for the tracking process (if any) to have applied every call (its error is raised here),
+        then say how many images went to the run. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if isinstance(self.tracker, TrackerProcess):
             self.tracker.close()
+        if self.tracker.active and self.written:
+            self.say(f"  logged {len(self.written)} image(s) to run {self.run.run_id}", soft_wrap=True)
 
     def __enter__(self) -> Gallery:
         return self
