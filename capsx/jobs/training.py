@@ -48,42 +48,50 @@ def run_training(recipe: Recipe, ctx: Context, *, recipe_path: str, resume: Chec
     directory. `parent_run_id`: the MLflow run this one is nested under (one seed of `train --seeds`).
     Under torchrun every process calls this; rank 0 alone tracks, prints and writes checkpoints."""
     group, device = distributed.join(resolve_device(recipe.device))
-    say = ctx.say if group.is_main else silent
     try:
-        autocast(device, recipe.train.precision)  # an impossible precision is an error now, not after set-up
-        root = ctx.data_root_for(recipe.data)
-        splits = recipe.data.load_splits(root)  # a missing or broken data set too: before any run exists
-        if resume is None:  # and a pretrained file or freeze that cannot work
-            check_transfer(recipe.model, recipe.data.input_shape, len(recipe.data.classes))
-        tracker, run_dir = _open_tracking(recipe, ctx, group, device, recipe_path, resume, parent_run_id)
-        if isinstance(tracker, Tracker):
-            tracker.notify = lambda message: say(f"[yellow]{message}[/]", soft_wrap=True)
-        verb = "resuming" if resume is not None else "training"
-        say(f"[bold]{verb}[/] {recipe.name}: {recipe.model.name} on {recipe.data.name}, "
-                      f"{describe_device(device)}", soft_wrap=True)
-        say(f"  run {tracker.run_id}  dir {run_dir}", soft_wrap=True)
-        say(f"  tracking {tracker.uri}" if tracker.active else "  tracking off", soft_wrap=True)
-        reporter = ProgressReporter() if group.is_main and ctx.progress else QuietReporter()
-        try:
-            run = Run(device=device, data_root=root, run_dir=run_dir, tracker=tracker, reporter=reporter, group=group)
-            run.after_epoch = epoch_pictures(recipe, run, tracker, splits.test, tracker.uri)
-            result = fit(recipe, run, resume=resume, splits=splits)
-        except Interrupted as stop:
-            reporter.close()
-            return _interrupted(stop, tracker, run_dir, group, say)
-        except BaseException as e:
-            reporter.close()
-            _end(tracker, run_dir, "FAILED", say, note=str(e) if isinstance(e, RunError) else None)
-            raise
-        if result.best_checkpoint is not None:
-            tracker.log_artifact(result.best_checkpoint, "checkpoints")
-        if result.final is not None:
-            tracker.log_dict(confusion_dict(result.final), "test/confusion_matrix.json")
-        _end(tracker, run_dir, "FINISHED", say)
-        say(fit_summary_table(recipe, result, tracker.run_id, run_dir))
-        return TrainingOutcome(0, tracker.run_id, result)
-    finally:
-        distributed.leave()
+        outcome = _train(recipe, ctx, group, device, recipe_path, resume, parent_run_id)
+    except BaseException:
+        distributed.leave()  # alone: the others may have failed too, or be gone
+        raise
+    distributed.leave(together=True)
+    return outcome
+
+
+def _train(recipe: Recipe, ctx: Context, group: Group, device: torch.device, recipe_path: str,
+           resume: Checkpoint | None, parent_run_id: str | None) -> TrainingOutcome:
+    say = ctx.say if group.is_main else silent
+    autocast(device, recipe.train.precision)  # an impossible precision is an error now, not after set-up
+    root = ctx.data_root_for(recipe.data)
+    splits = recipe.data.load_splits(root)  # a missing or broken data set too: before any run exists
+    if resume is None:  # and a pretrained file or freeze that cannot work
+        check_transfer(recipe.model, recipe.data.input_shape, len(recipe.data.classes))
+    tracker, run_dir = _open_tracking(recipe, ctx, group, device, recipe_path, resume, parent_run_id)
+    if isinstance(tracker, Tracker):
+        tracker.notify = lambda message: say(f"[yellow]{message}[/]", soft_wrap=True)
+    verb = "resuming" if resume is not None else "training"
+    say(f"[bold]{verb}[/] {recipe.name}: {recipe.model.name} on {recipe.data.name}, {describe_device(device)}",
+        soft_wrap=True)
+    say(f"  run {tracker.run_id}  dir {run_dir}", soft_wrap=True)
+    say(f"  tracking {tracker.uri}" if tracker.active else "  tracking off", soft_wrap=True)
+    reporter = ProgressReporter() if group.is_main and ctx.progress else QuietReporter()
+    try:
+        run = Run(device=device, data_root=root, run_dir=run_dir, tracker=tracker, reporter=reporter, group=group)
+        run.after_epoch = epoch_pictures(recipe, run, tracker, splits.test, tracker.uri)
+        result = fit(recipe, run, resume=resume, splits=splits)
+    except Interrupted as stop:
+        reporter.close()
+        return _interrupted(stop, tracker, run_dir, group, say)
+    except BaseException as e:
+        reporter.close()
+        _end(tracker, run_dir, "FAILED", say, note=str(e) if isinstance(e, RunError) else None)
+        raise
+    if result.best_checkpoint is not None:
+        tracker.log_artifact(result.best_checkpoint, "checkpoints")
+    if result.final is not None:
+        tracker.log_dict(confusion_dict(result.final), "test/confusion_matrix.json")
+    _end(tracker, run_dir, "FINISHED", say)
+    say(fit_summary_table(recipe, result, tracker.run_id, run_dir))
+    return TrainingOutcome(0, tracker.run_id, result)
 
 
 def _open_tracking(recipe: Recipe, ctx: Context, group: Group, device: torch.device, recipe_path: str,
@@ -139,7 +147,7 @@ def _interrupted(stop: Interrupted, tracker: Tracker | NullTracker, run_dir: Pat
     _end(tracker, run_dir, "KILLED", say, note=f"interrupted by {name} at step {stop.state.global_step}; "
                                           f"checkpoint {stop.checkpoint}")
     say(f"[yellow]interrupted[/] by {name} at epoch {stop.state.epoch + 1}, step "
-                  f"{stop.state.global_step}; saved {stop.checkpoint}")
+        f"{stop.state.global_step}; saved {stop.checkpoint}")
     nproc = f" --nproc {group.world}" if group.active else ""
     say(f"  continue with: capsx train --resume {tracker.run_id}{nproc}")
     return TrainingOutcome(128 + stop.signum, tracker.run_id)
@@ -150,7 +158,7 @@ def _end(tracker: Tracker | NullTracker, run_dir: Path, status: str, say: Callab
     left = tracker.end(status, note=note)
     if left:
         say(f"[yellow]the tracking store did not take {left} call(s); they are kept in {run_dir}; "
-                      f"send them when it is back with: capsx sync {run_dir}[/]", soft_wrap=True)
+            f"send them when it is back with: capsx sync {run_dir}[/]", soft_wrap=True)
 
 
 def default_run_name(recipe: Recipe) -> str:

@@ -117,8 +117,13 @@ def join(device: torch.device) -> tuple[Group, torch.device]:
     return Group(rank, world, local_rank, local_world, comm), device
 
 
-def leave() -> None:
+def leave(together: bool = False) -> None:
+    """Leave the process group. `together` (the training ended normally on every process): first wait for
+    the others, so no process tears its connections down while another still uses them (with gloo, a
+    worker leaving early can abort the other in C++ at exit). Not after an error: the others may be gone."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
