@@ -159,9 +159,9 @@ def visualize_all(
         return
     context_ = context(runs_dir, tracking_uri, data_root, track=log, device=device)
     with _pictures(context_, run, checkpoint) as (t, out):
-        from capsx.jobs.epoch_pictures import visualize_jobs
+        from capsx.jobs.visualize import every_visualization
 
-        for job in visualize_jobs(t.model):
+        for job in every_visualization(t.model):
             job(t, out)
 LayerOpt = Annotated[str | None, typer.Option("--layer", help="A layer name as `capsx summary` lists it "
                                                               "(default: the first conv layer).")]

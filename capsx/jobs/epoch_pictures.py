@@ -19,17 +19,16 @@ from capsx.jobs.perturb import run_perturb
 from capsx.jobs.pictures import Gallery
 from capsx.jobs.reconstruct import run_reconstruct
 from capsx.jobs.trained import TrainedRun
-from capsx.jobs.visualize import run_activations, run_filters, run_routing, run_saliency, run_top_activating
+from capsx.jobs.visualize import Job, first_layer_jobs, run_routing, run_saliency
 from capsx.models.capsnet import CapsNet
 from capsx.recipe import Recipe
 from capsx.track.tracker import NullTracker, Tracker
 from capsx.train.checkpoint import Checkpoint
+from capsx.train.device import eval_mode
 from capsx.train.loop import Run
 from capsx.train.state import TrainState
 
 PAIR_ERROR_IMAGES = 100  # two-digit runs: the pairs an epoch's reconstruction error is taken over
-
-Job = Callable[[TrainedRun, Gallery], object]
 
 
 def epoch_pictures(recipe: Recipe, run: Run, tracker: Tracker | NullTracker, test: Examples,
@@ -47,13 +46,9 @@ def epoch_pictures(recipe: Recipe, run: Run, tracker: Tracker | NullTracker, tes
                              run.data_root, run.run_dir, tracking_uri, preloaded_test=test)
         gallery = Gallery(trained, Path(run.run_dir) / "pictures", tracker, silent, state.epoch)
         start = time.perf_counter()
-        was_training = model.training
-        model.eval()  # not eval_mode: its inference mode would stop the saliency maps' gradients
-        try:
+        with eval_mode(model, inference=False):  # a saliency map needs gradients
             for job in jobs_for(model, recipe.data.objects):
                 job(trained, gallery)
-        finally:
-            model.train(was_training)
         tracker.log_metrics({"time/pictures_s": time.perf_counter() - start}, step=state.epoch)  # their cost
 
     return draw
@@ -61,8 +56,7 @@ def epoch_pictures(recipe: Recipe, run: Run, tracker: Tracker | NullTracker, tes
 
 def jobs_for(model: nn.Module, objects: int) -> list[Job]:
     """What a model's epoch pictures are, as picture-command calls."""
-    jobs: list[Job] = [lambda t, out: run_filters(t, out, layer=None, in_channel=None),
-                       lambda t, out: run_activations(t, out, layer=None, index=0, image=None)]
+    jobs = first_layer_jobs()
     if not isinstance(model, CapsNet):
         return [*jobs, _saliency_of_the_label]
     if model.decoder is not None:
@@ -81,14 +75,3 @@ def _saliency_of_the_label(t: TrainedRun, out: Gallery) -> None:
     cls = int(label) if label.dim() == 0 else None
     run_saliency(t, out, index=0, image=None, cls=cls, method="integrated-gradients", layer=None, steps=32)
 
-
-def visualize_jobs(model: nn.Module) -> list[Job]:
-    """`capsx visualize` with no subcommand: each of its pictures with the defaults."""
-    jobs: list[Job] = [lambda t, out: run_filters(t, out, layer=None, in_channel=None),
-                       lambda t, out: run_activations(t, out, layer=None, index=0, image=None)]
-    if isinstance(model, CapsNet):
-        jobs.append(lambda t, out: run_routing(t, out, index=0, image=None))
-    jobs += [lambda t, out: run_saliency(t, out, index=0, image=None, cls=None, method="integrated-gradients",
-                                         layer=None, steps=32),
-             lambda t, out: run_top_activating(t, out, layer=None, channel=0, k=16, limit=2000)]
-    return jobs

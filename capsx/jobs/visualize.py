@@ -3,6 +3,7 @@ coupling coefficients, saliency maps, and the test images that drive a unit most
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,22 @@ def run_top_activating(t: TrainedRun, out: Gallery, *, layer: str | None, channe
                                      f"unit {channel} most (score under each)"])
     out.publish(img, f"top_{name}_{channel}.png", key=f"top_activating/{name}_{channel}")
     out.report()
+
+
+Job = Callable[[TrainedRun, Gallery], object]  # one picture command's call, its options fixed
+
+
+def first_layer_jobs() -> list[Job]:
+    """The first conv layer's filters, and its activations on test #0 (a CapsNet's primary-capsule lengths too)."""
+    return [lambda t, out: run_filters(t, out, layer=None, in_channel=None),
+            lambda t, out: run_activations(t, out, layer=None, index=0, image=None)]
+
+
+def every_visualization(model: nn.Module) -> list[Job]:
+    """`capsx visualize` with no subcommand: each of its pictures with the defaults (routing for a CapsNet)."""
+    jobs = first_layer_jobs()
+    if isinstance(model, CapsNet):
+        jobs.append(lambda t, out: run_routing(t, out, index=0, image=None))
+    return [*jobs, lambda t, out: run_saliency(t, out, index=0, image=None, cls=None, method="integrated-gradients",
+                                               layer=None, steps=32),
+            lambda t, out: run_top_activating(t, out, layer=None, channel=0, k=16, limit=2000)]

@@ -74,12 +74,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 @contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """model.eval() and inference mode for the duration; the previous mode afterwards."""
+def eval_mode(model: torch.nn.Module, inference: bool = True) -> Iterator[None]:
+    """model.eval() and (unless `inference` is False: gradients still wanted, a saliency map's) inference
+    mode for the duration; the previous mode afterwards."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(inference):
             yield
     finally:
         model.train(was_training)
