@@ -45,20 +45,20 @@ def run_perturb(t: TrainedRun, out: Gallery, *, dims: list[int] | None, value_ra
         rows = [capsules.perturb_capsule(model, v, k, dims, deltas)[0] for k, v, _, _ in sources]
         tiles = canvas.to_uint8(torch.cat(rows))
         img = canvas.grid(list(tiles), cols, scale=2)
-        img = canvas.label_grid(img, len(rows), cols, [f"{n} ({t.classes[k]})" for k, _, n, _ in sources], col_labels)
-        img = canvas.caption_above(img, [f"dimension {dims[0]} of the winning class capsule, shifted by each value"])
+        pic = canvas.label_grid(img, len(rows), cols, [f"{n} ({t.classes[k]})" for k, _, n, _ in sources], col_labels)
+        pic = canvas.caption_above(pic, [f"dimension {dims[0]} of the winning class capsule, shifted by each value"])
         name = f"perturb_dim{dims[0]}{'_mean' if class_mean else ''}.png"
-        out.publish(img, name, key=f"perturb/dim{dims[0]}{key_kind}")
+        out.publish(pic, name, key=f"perturb/dim{dims[0]}{key_kind}")
     else:  # one grid per source: a row per dimension
         per_class_count: dict[int, int] = {}
         for k, v, name, c in sources:
             pics = capsules.perturb_capsule(model, v, k, dims, deltas)  # (dims, cols, C, H, W)
             img = canvas.grid(list(canvas.to_uint8(pics.flatten(0, 1))), cols, scale=2)
-            img = canvas.label_grid(img, len(dims), cols, [f"dim {d}" for d in dims], col_labels)
-            img = canvas.caption_above(img, [f"{name}: class {t.classes[k]} capsule, one dimension per row"])
+            pic = canvas.label_grid(img, len(dims), cols, [f"dim {d}" for d in dims], col_labels)
+            pic = canvas.caption_above(pic, [f"{name}: class {t.classes[k]} capsule, one dimension per row"])
             i = per_class_count.get(c, 0)
             per_class_count[c] = i + 1
-            out.publish(img, f"perturb_{stem}_class{c}_{i}.png",
+            out.publish(pic, f"perturb_{stem}_class{c}_{i}.png",
                         key=f"perturb/class{c}{key_kind}" + (f"_{i}" if i else ""))
     out.report()
 

@@ -27,6 +27,7 @@ class Gallery:
                  say: Callable[..., None], step: int) -> None:
         self.run, self.dir, self.tracker, self.say, self.step = run, directory, tracker, say, step
         self.written: list[Path] = []
+        self.published: dict[str, canvas.Picture] = {}  # name -> the picture saved under it, as drawn
         self._reported, self._closed = 0, False
 
     @classmethod
@@ -49,12 +50,15 @@ class Gallery:
                         f"{directory} only[/]", soft_wrap=True)
         return cls(run, directory, tracker, ctx.say, run.epoch)
 
-    def publish(self, image: np.ndarray, name: str, key: str) -> Path:
+    def publish(self, image: np.ndarray | canvas.Picture, name: str, key: str) -> Path:
         """Save `image` as pictures/NAME and log it under `key` at the gallery's step (the MLflow UI pages
-        through a key's steps)."""
-        path = canvas.save_png(image, self.dir / name)
+        through a key's steps). The picture, with where its texts went, stays in `published`."""
+        picture = canvas.as_picture(image)
+        pixels = picture.pixels if isinstance(image, canvas.Picture) else image
+        self.published[name] = picture
+        path = canvas.save_png(pixels, self.dir / name)
         self.written.append(path)
-        self.tracker.log_image(image, key=key, step=self.step)
+        self.tracker.log_image(pixels, key=key, step=self.step)
         return path
 
     def publish_file(self, image: np.ndarray, name: str, artifact_path: str) -> Path:

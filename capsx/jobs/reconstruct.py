@@ -25,7 +25,8 @@ def run_reconstruct(t: TrainedRun, out: Gallery, *, count: int, misclassified: i
                     image: list[Path] | None, error_images: int | None) -> float:
     """Fig. 3 for a one-object run, Fig. 5 for a two-digit one; returns the mean reconstruction error.
     `error_images`: how many test images it is measured over; None: the whole split as the run's own
-    evaluation measured it (kept in the checkpoint), else the first DEFAULT_ERROR_IMAGES."""
+    evaluation measured it (kept in the checkpoint), 0: not measured (the panel only), else the first
+    DEFAULT_ERROR_IMAGES."""
     model = capsules.require_decoder(t.model, "reconstruct")
     if t.objects > 1:
         if force_class is not None:
@@ -49,6 +50,9 @@ def run_reconstruct(t: TrainedRun, out: Gallery, *, count: int, misclassified: i
            "test images (L: label, P: prediction, * wrong) above their reconstructions"
            + (f" from the class-{t.classes[force_class]} capsule" if force_class is not None else ""),
            f"recon_test{suffix}.png", "recon/test" + suffix, force_class)
+    if error_images == 0:
+        out.report()
+        return float("nan")
     recorded = _recorded(t, len(test)) if error_images is None else None
     if recorded is not None:  # the run's own evaluation of the whole split, kept in its checkpoint
         mean_sse, wrong_idx, wrong_count = recorded
@@ -61,9 +65,11 @@ def run_reconstruct(t: TrainedRun, out: Gallery, *, count: int, misclassified: i
     if misclassified > 0 and wrong_idx and force_class is None:
         idx = torch.tensor(wrong_idx[:misclassified])
         xs, labels = t.inputs(test.images[idx]), test.labels[idx]
-        _panel(t, out, model, xs, labels, "misclassified: decoded as predicted (top) ...",
+        _panel(t, out, model, xs, labels, "misclassified test images (L: label, P: prediction) above their "
+               "reconstructions from the predicted class's capsule (R)",
                "recon_wrong_pred.png", "recon/misclassified", None)
-        _panel(t, out, model, xs, labels, "... and decoded from the true label's capsule",
+        _panel(t, out, model, xs, labels, "the same misclassified test images above their reconstructions from "
+               "the true label's capsule (R)",
                "recon_wrong_label.png", "recon/misclassified_as_label", None, as_label=True)
     if recorded is None:  # (the recorded one is the run's test/recon_loss already)
         out.log_metrics({"recon/mean_sse": mean_sse, "recon/errors_in_sample": float(wrong_count)})
@@ -113,13 +119,13 @@ def _panel(t: TrainedRun, out: Gallery, model: CapsNet, xs: Tensor, labels: Tens
     for j in range(cols):
         p = t.classes[int(preds[j])]
         lab = t.classes[int(labels[j])] if labels is not None else "?"
-        cells.append(f"L:{lab} P:{p}" + ("*" if wrong[j] else ""))
+        cells.append(f"L:{lab}\nP:{p}" + ("*" if wrong[j] else ""))  # a line each: neighbours never touch
         colors.append(canvas.RED if wrong[j] else (0, 0, 0))
         decoded_as.append(t.classes[force_class] if force_class is not None else (lab if as_label else p))
     cells += [("P:" if force_class is not None else "R:") + r for r in decoded_as]
     colors += [(0, 0, 0)] * cols
-    img = canvas.label_grid(img, 2, cols, ["input", "decoded"], None, cell_labels=cells, label_colors=colors)
-    out.publish(canvas.caption_above(img, [title]), name, key=key)
+    pic = canvas.label_grid(img, 2, cols, ["input", "decoded"], None, cell_labels=cells, label_colors=colors)
+    out.publish(canvas.caption_above(pic, [title]), name, key=key)
 
 
 def _pair(classes: list[str], pair: Tensor) -> str:
@@ -158,9 +164,11 @@ def _reconstruct_pairs(t: TrainedRun, out: Gallery, model: CapsNet, *, count: in
     if misclassified > 0 and wrong_idx:
         idx = torch.tensor(wrong_idx[:misclassified])
         xs_wrong = t.inputs(test.images[idx])
-        _pair_panel(t, out, model, xs_wrong, test.labels[idx], "not both right: decoded as predicted (top) ...",
+        _pair_panel(t, out, model, xs_wrong, test.labels[idx], "test pairs not both right (L: labels) above "
+                    "both digits decoded from the predicted pair's capsules (R)",
                     "recon_pairs_wrong_pred.png", "recon/pairs_misclassified")
-        _pair_panel(t, out, model, xs_wrong, test.labels[idx], "... and decoded from the true labels' capsules",
+        _pair_panel(t, out, model, xs_wrong, test.labels[idx], "the same pairs above both digits decoded from "
+                    "the true labels' capsules",
                     "recon_pairs_wrong_label.png", "recon/pairs_misclassified_as_label", as_label=True)
     out.log_metrics({"recon/mean_sse": mean_sse, "recon/errors_in_sample": float(len(wrong_idx))})
     out.say(f"mean reconstruction error (sum of squared pixel errors of both digits, each against its own "
@@ -186,6 +194,6 @@ def _pair_panel(t: TrainedRun, out: Gallery, model: CapsNet, xs: Tensor, labels:
     cells += [("L:" if as_label else "R:") + _pair(t.classes, d) + ("*" if w else "")
               for d, w in zip(decoded, wrong, strict=True)]
     colors = [(0, 0, 0)] * len(xs) + [canvas.RED if w else (0, 0, 0) for w in wrong]
-    img = canvas.label_grid(img, 2, len(xs), ["input", "decoded"], None, cell_labels=cells, label_colors=colors)
+    pic = canvas.label_grid(img, 2, len(xs), ["input", "decoded"], None, cell_labels=cells, label_colors=colors)
     lines = [title, "decoded: the pair's first digit in red, its second in green, input in grey"]
-    out.publish(canvas.caption_above(img, lines), name, key=key)
+    out.publish(canvas.caption_above(pic, lines), name, key=key)

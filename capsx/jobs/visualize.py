@@ -22,14 +22,14 @@ def run_filters(t: TrainedRun, out: Gallery, *, layer: str | None, in_channel: i
     assert isinstance(conv, nn.Conv2d)
     kernels = inside.filter_images(conv, in_channel)
     tiles = canvas.to_uint8(kernels, per_image=True)
-    cols = int(np.ceil(np.sqrt(len(tiles))))
+    cols = canvas.grid_columns(len(tiles))
     scale = max(1, 48 // max(kernels.shape[-1], 1))
     img = canvas.grid(list(tiles), cols, scale=scale)
     how = (f"input channel {in_channel}" if in_channel is not None else
            "mean |w| over input channels" if conv.in_channels not in (1, 3) else "each filter normalised")
-    img = canvas.caption_above(img, [f"{name}: {conv.out_channels} filters of {conv.kernel_size[0]}x"
+    pic = canvas.caption_above(img, [f"{name}: {conv.out_channels} filters of {conv.kernel_size[0]}x"
                                      f"{conv.kernel_size[1]} ({how})"])
-    out.publish(img, f"filters_{name}.png", key=f"filters/{name}")
+    out.publish(pic, f"filters_{name}.png", key=f"filters/{name}")
     out.report()
 
 
@@ -38,23 +38,30 @@ def run_activations(t: TrainedRun, out: Gallery, *, layer: str | None, index: in
     name, module = inside.get_layer(t.model, layer)
     maps = inside.layer_output(t.model, module, x)[0]
     if maps.dim() == 3:
-        fmap = maps / maps.max().clamp(min=1e-12)  # one scale for the layer: dead channels stay black
+        top = float(maps.max().clamp(min=0))
+        fmap = maps / max(top, 1e-12)  # one scale for the layer: dead channels stay black
         tiles = canvas.to_uint8(fmap)
-        cols = int(np.ceil(np.sqrt(len(tiles))))
-        img = canvas.grid(list(tiles), cols, scale=max(1, 56 // max(maps.shape[-1], 1)))
+        img = canvas.grid(list(tiles), canvas.grid_columns(len(tiles)), scale=max(1, 56 // max(maps.shape[-1], 1)))
         dead = int((maps.flatten(1).amax(dim=1) <= 0).sum())
-        img = canvas.caption_above(img, [f"{name} on {what}: {maps.shape[0]} channels "
-                                         f"({dead} dead: black), one scale for all"])
-        out.publish(img, f"activations_{name}.png", key=f"activations/{name}")
+        pic = canvas.with_colour_bar(img, 0.0, top, f"{name} output, one scale for all channels (negative: black)",
+                                     kind="grey")
+        pic = canvas.caption_above(pic, [f"{name} on {what}: {maps.shape[0]} channels ({dead} dead: black)"])
+        out.publish(pic, f"activations_{name}.png", key=f"activations/{name}")
     else:
         out.say(f"[dim]{name} outputs {tuple(maps.shape)}, not feature maps; see the capsule lengths[/]")
     if isinstance(t.model, CapsNet):
-        lengths = inside.primary_capsule_lengths(t.model, x)  # (types, gh, gw), already in [0, 1)
-        img = canvas.grid([canvas.heat(m) for m in lengths.cpu().numpy()], int(np.ceil(np.sqrt(len(lengths)))),
-                          scale=8)
-        img = canvas.caption_above(img, [f"primary capsule lengths on {what}: {lengths.shape[0]} types over "
-                                         f"the {lengths.shape[1]}x{lengths.shape[2]} grid (black 0, white 1)"])
-        out.publish(img, "activations_primary_lengths.png", key="activations/primary_lengths")
+        lengths = inside.primary_capsule_lengths(t.model, x).cpu()  # (types, gh, gw), in [0, 1)
+        # one scale for all types, from the shortest capsule to the longest: squashed lengths often sit close
+        # together near 1, which on a 0..1 scale would all read white
+        lo, hi = float(lengths.min()), float(lengths.max())
+        types = len(lengths)
+        cols = canvas.grid_columns(types)
+        img = canvas.grid([canvas.heat(m) for m in ((lengths - lo) / max(hi - lo, 1e-12)).numpy()], cols, scale=8)
+        pic = canvas.label_grid(img, -(-types // cols), cols, cell_labels=[f"type {k}" for k in range(types)])
+        pic = canvas.with_colour_bar(pic, lo, hi, "capsule length |u_i|, one scale for all types")
+        pic = canvas.caption_above(pic, [f"primary capsule lengths on {what}: {types} capsule types, each over "
+                                         f"the {lengths.shape[1]}x{lengths.shape[2]} grid"])
+        out.publish(pic, "activations_primary_lengths.png", key="activations/primary_lengths")
     out.report()
 
 
@@ -70,13 +77,14 @@ def run_routing(t: TrainedRun, out: Gallery, *, index: int, image: Path | None) 
     tiles = [canvas.heat(((m - lo) / max(hi - lo, 1e-12)).cpu().numpy()) for m in weighted.flatten(0, 1)]
     img = canvas.grid(tiles, J, scale=10)
     columns = t.classes + ["none of the above"] * (J - len(t.classes))  # the extra routed capsule, if any
-    img = canvas.label_grid(img, iters, J, [f"iteration {r + 1}" for r in range(iters)], columns)
+    pic = canvas.label_grid(img, iters, J, [f"iteration {r + 1}" for r in range(iters)], columns)
+    pic = canvas.with_colour_bar(pic, lo, hi, f"coupling c_ij, one scale for all maps (uniform: {1 / J:.3f})",
+                                 spec=".3f")
     pred = int(t.model(x).prediction[0])
-    img = canvas.caption_above(img, [f"coupling coefficients c_ij on {what} (predicted {t.classes[pred]}): at each "
+    pic = canvas.caption_above(pic, [f"coupling coefficients c_ij on {what} (predicted {t.classes[pred]}): at each "
                                      "grid position, the mean over capsule types weighted by |u_i|",
-                                     f"colour scale {lo:.3f} (black) .. {hi:.3f} (white); uniform is {1 / J:.3f}",
                                      "mean |delta b_ij| per iteration: " + ", ".join(f"{d:.4f}" for d in delta_b)])
-    out.publish(img, "routing_couplings.png", key="routing/couplings")
+    out.publish(pic, "routing_couplings.png", key="routing/couplings")
     out.log_metrics({f"routing/inspect_delta_b_iter{r + 1}": d for r, d in enumerate(delta_b)})
     out.say("mean |delta b_ij| per routing iteration: " + ", ".join(f"{d:.5f}" for d in delta_b))
     out.report()
@@ -94,22 +102,27 @@ def run_saliency(t: TrainedRun, out: Gallery, *, index: int, image: Path | None,
     if method == "integrated-gradients":
         attr = inside.integrated_gradients(t.model, x, target, steps=steps).sum(dim=0)  # (H, W)
         pos = attr.clamp(min=0)
-        heat = pos / pos.max().clamp(min=1e-12)
+        top = float(pos.max())
+        heat = pos / max(top, 1e-12)
         note = f"integrated gradients ({steps} steps, black baseline), positive part"
+        scale = "attribution per pixel (saliency and overlay)"
     else:
         name, module = inside.get_layer(t.model, layer)
         heat = inside.grad_cam(t.model, module, x, target)
+        top = 1.0
         note = f"Grad-CAM at {name}"
+        scale = "Grad-CAM over its largest value (saliency and overlay)"
     base = canvas.to_uint8(x)[0]
     base_rgb = np.repeat(base[..., None], 3, -1) if base.ndim == 2 else base
     overlay = (0.5 * base_rgb + 0.5 * canvas.heat(heat.cpu().numpy())).astype(np.uint8)
     img = canvas.grid([base_rgb, canvas.heat(heat.cpu().numpy()), overlay], 3, scale=6)
-    img = canvas.label_grid(img, 1, 3, None, ["input", "saliency", "overlay"])
+    pic = canvas.label_grid(img, 1, 3, None, ["input", "saliency", "overlay"])
+    pic = canvas.with_colour_bar(pic, 0.0, top, scale)
     score = "capsule length" if isinstance(t.model, CapsNet) else "logit"
-    img = canvas.caption_above(img, [f"what drives class {t.classes[target]} ({score}) on {what}"
+    pic = canvas.caption_above(pic, [f"what drives class {t.classes[target]} ({score}) on {what}"
                                      + (f", label {t.classes[label]}" if label is not None else "")
                                      + f", predicted {t.classes[pred]}", note])
-    out.publish(img, f"saliency_{method}_class{target}.png", key=f"saliency/class{target}")
+    out.publish(pic, f"saliency_{method}_class{target}.png", key=f"saliency/class{target}")
     out.report()
 
 
@@ -123,12 +136,12 @@ def run_top_activating(t: TrainedRun, out: Gallery, *, layer: str | None, channe
     cols = min(len(idx), 8)
     img = canvas.grid(list(tiles), cols, scale=2)
     rows = -(-len(idx) // cols)
-    img = canvas.label_grid(img, rows, cols, None, None,
-                            cell_labels=[f"#{i} {v:.2f}" for i, v in zip(idx.tolist(), top.values.tolist(),
-                                                                          strict=True)])
-    img = canvas.caption_above(img, [f"the {len(idx)} of {len(test)} test images that drive {name} "
-                                     f"unit {channel} most (score under each)"])
-    out.publish(img, f"top_{name}_{channel}.png", key=f"top_activating/{name}_{channel}")
+    pic = canvas.label_grid(img, rows, cols, None, None,
+                            cell_labels=[f"#{i}\n{v:.2f}" for i, v in zip(idx.tolist(), top.values.tolist(),
+                                                                           strict=True)])
+    pic = canvas.caption_above(pic, [f"the {len(idx)} of {len(test)} test images that drive {name} "
+                                     f"unit {channel} most (test index and score under each)"])
+    out.publish(pic, f"top_{name}_{channel}.png", key=f"top_activating/{name}_{channel}")
     out.report()
 
 
