@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench gpu-check ui lint clean
+.PHONY: install browser train test bench gpu-check ui lint clean
 
 install: $(STAMP)
 
@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+browser:  ## Debian's chromium for the browser test, where root apt-get can install it (else that test skips)
+	@bash scripts/install_browser.sh
+
 train: install  ## the quickstart: a small CapsNet on the embedded `shapes` data set (no download)
 	$(BIN)/capsx train recipes/quickstart.yaml
 
-test: install  ## the whole suite, then its numerics-sensitive tests under a lower CPU class (CI runs exactly this)
+test: install browser  ## the whole suite, then its numerics-sensitive tests under a lower CPU class (CI runs exactly this)
 	$(BIN)/python -m pytest -q
 	$(BIN)/python tests/lower_isa.py -q
 

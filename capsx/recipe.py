@@ -13,7 +13,7 @@ from types import UnionType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from capsx.data import DATASETS, DataConfig
@@ -21,7 +21,7 @@ from capsx.errors import RecipeError
 from capsx.models import MODELS, ModelConfig
 from capsx.paper import PaperNumber
 from capsx.registry import Registry
-from capsx.schema import Section
+from capsx.schema import Section, flatten
 from capsx.train.losses import BinaryCrossEntropyConfig, CrossEntropyConfig, LossConfig, MarginLossConfig
 from capsx.train.optim import OptimizerConfig, ScheduleConfig
 
@@ -92,6 +92,7 @@ class Recipe(Section):
     tracking: TrackingConfig = TrackingConfig()
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, then MPS, then CPU
     paper: list[PaperNumber] = Field(default_factory=list)  # the paper's numbers this recipe reproduces
+    _overridden: tuple[str, ...] = PrivateAttr(default=())  # the keys `--set` changed (see `params`)
 
     @model_validator(mode="after")
     def _default_loss(self) -> Recipe:
@@ -111,6 +112,35 @@ class Recipe(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def params(self) -> dict[str, str]:
+        """The run's MLflow params: what it changed from its recipe file (`--set`, `--seeds`) and its seed.
+
+        Few on purpose: MLflow's image cards print every param of the run above the picture, and twenty
+        are enough to push it out of the card. The recipe's own settings are the run's `recipe.*` tags
+        (`tags`) and the whole resolved recipe is its recipe.yaml."""
+        flat = flatten(self.to_dict())
+        keys = [*self._overridden, "train.seed"]
+        return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in keys)}
+
+    def tags(self) -> dict[str, str]:
+        r"""What the recipe file and its overrides set, as `recipe.<key>` tags: searchable
+        (`tags.\`recipe.model.routing_iters\` = '3'`) and columns of the runs table. Defaults stay out
+        (they are in recipe.yaml); the description is the run's MLflow description, the paper's numbers
+        are not settings."""
+        chosen = self.model_dump(mode="json", exclude_unset=True)
+        chosen.pop("description", None)
+        chosen.pop("paper", None)
+        return {f"recipe.{k}": v for k, v in flatten(chosen).items()}
+
+    @property
+    def overridden_keys(self) -> tuple[str, ...]:
+        return self._overridden
+
+    def overridden(self, keys: list[str] | tuple[str, ...]) -> Recipe:
+        """This recipe, counting `keys` as changed by overrides (a recipe rebuilt from another's dict)."""
+        self._overridden = (*self._overridden, *(k for k in keys if k not in self._overridden))
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -155,6 +185,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str, overrides: list[str] | No
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(f"{source}: {describe_error(e)}") from None
+    recipe.overridden([item.partition("=")[0].strip() for item in overrides or []])
     if isinstance(recipe.loss, CrossEntropyConfig) and recipe.data.objects > 1:
         raise RecipeError(f"{source}: loss.name: cross_entropy scores one class per image, but {recipe.data.name} "
                           f"has {recipe.data.objects}; expected binary_cross_entropy (or margin for a CapsNet)")
@@ -222,7 +253,10 @@ def describe_error(err: ValidationError) -> str:
         registries: dict[str, Registry[Any]] = {"model": MODELS, "data": DATASETS}
         registry = registries.get(section)
         tags = e.get("ctx", {}).get("expected_tags", "")
-        valid = ", ".join(registry.names()) if registry else tags.replace("'", "")
+        losses = [c.model_fields["name"].default for c in (MarginLossConfig, CrossEntropyConfig,
+                                                           BinaryCrossEntropyConfig)]
+        valid = ", ".join(registry.names()) if registry else tags.replace("'", "") or (
+            ", ".join(losses) if section == "loss" else "see the recipes/ folder")
         if kind == "union_tag_not_found":
             return f"{where}.name: required key is missing; expected one of: {valid}"
         tag = value.get("name") if isinstance(value, dict) else value

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from capsx.errors import RunError
 from capsx.recipe import recipe_from_dict
-from capsx.track.tracker import Tracker
+from capsx.track.tracker import NullTracker, Tracker
 from capsx.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from capsx.train.device import resolve_device
 from capsx.train.loop import Interrupted, QuietReporter, Run, fit, load_model
@@ -24,11 +24,8 @@ def _run(tmp: Path, name: str, tracker, reporter=None) -> Run:
                reporter=reporter or QuietReporter())
 
 
-class _NoTracking:
-    run_id = "local"
-
-    def log_metrics(self, metrics, step): ...
-    def log_params(self, params): ...
+def _NoTracking():
+    return NullTracker("local")
 
 
 @pytest.mark.numerics

@@ -32,7 +32,8 @@ def _only_run(uri: str):
 
 def test_train_then_eval_into_a_real_mlflow_store(workdir, tiny_mnist):
     recipe = _write(workdir / "tiny-mnist.yaml", tiny_recipe(
-        data={"name": "mnist", "batch_size": 32, "augment": {"shift": 2}}, model=dict(TINY_CAPSNET)))
+        data={"name": "mnist", "batch_size": 32, "augment": {"shift": 2}}, model=dict(TINY_CAPSNET),
+        description="tiny test recipe"))
     res = invoke("train", str(recipe), "train.epochs=2", "--set", "train.log_every=2",
                  "--data-root", str(tiny_mnist))
     assert res.exit_code == 0, res.output
@@ -41,8 +42,12 @@ def test_train_then_eval_into_a_real_mlflow_store(workdir, tiny_mnist):
     uri = f"sqlite:///{workdir}/runs/mlflow.db"
     client, run = _only_run(uri)
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.epochs"] == "2" and run.data.params["model.name"] == "capsnet"
-    assert run.data.params["data.augment.shift"] == "2" and int(run.data.params["model.num_params"]) > 0
+    # params: what the command line changed, and the seed (few, so MLflow's image cards show the picture)
+    assert run.data.params == {"train.epochs": "2", "train.log_every": "2", "train.seed": "0"}
+    tags = run.data.tags  # the recipe's own settings, and the facts of the model
+    assert tags["recipe.model.name"] == "capsnet" and tags["recipe.data.augment.shift"] == "2"
+    assert tags["recipe.train.epochs"] == "2" and "recipe.model.routing_iters" not in tags  # a default
+    assert int(tags["model.num_params"]) > 0 and tags["mlflow.note.content"] == "tiny test recipe"
     assert run.data.tags["capsx.model"] == "capsnet" and run.data.tags["capsx.data"] == "mnist"
     assert "capsx.device" in run.data.tags and "capsx.torch" in run.data.tags
     for key in ("train/loss", "train/margin_loss", "train/recon_loss", "train/acc", "test/error", "lr",

@@ -124,14 +124,9 @@ def test_small_cnn_learns_real_mnist(tmp_path):
     if root is None:
         pytest.skip("real MNIST not found: set CAPSX_DATA to a folder holding MNIST/raw/")
     from capsx.recipe import recipe_from_dict
+    from capsx.track.tracker import NullTracker as NoTracking
     from capsx.train.device import resolve_device
     from capsx.train.loop import QuietReporter, Run, fit
-
-    class NoTracking:
-        run_id = "local"
-
-        def log_metrics(self, metrics, step): ...
-        def log_params(self, params): ...
 
     recipe = recipe_from_dict({
         "name": "real", "device": "cpu",
@@ -140,6 +135,6 @@ def test_small_cnn_learns_real_mnist(tmp_path):
         "train": {"epochs": 3}, "optimizer": {"lr": 2e-3}, "schedule": {"name": "cosine"},
     }, "real")
     (tmp_path / "checkpoints").mkdir()
-    result = fit(recipe, Run(resolve_device("cpu"), root, tmp_path, NoTracking(), QuietReporter()))
+    result = fit(recipe, Run(resolve_device("cpu"), root, tmp_path, NoTracking("local"), QuietReporter()))
     assert result.final is not None and result.final.images == 1000
     assert result.final.accuracy > 0.90

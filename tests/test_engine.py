@@ -7,22 +7,22 @@ import torch
 
 from capsx.errors import CapsxError
 from capsx.recipe import recipe_from_dict
+from capsx.track.tracker import NullTracker
 from capsx.train.device import resolve_device
 from capsx.train.loop import QuietReporter, Run, fit
 from capsx.train.optim import ScheduleConfig, lr_factor
 from tests.conftest import tiny_recipe
 
 
-class _NoTracking:
-    run_id = "local"
+class _NoTracking(NullTracker):
+    """Tracking off, keeping the metrics the training logged."""
 
     def __init__(self):
+        super().__init__("local")
         self.metrics = []
 
     def log_metrics(self, metrics, step):
         self.metrics.append((step, metrics))
-
-    def log_params(self, params): ...
 
 
 def _run(tmp_path, tracker):

@@ -255,11 +255,14 @@ def test_train_then_reconstruct_into_a_real_mlflow_store(workdir):
     assert res.exit_code == 0, res.output
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/runs/mlflow.db")
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
-    params = run.data.params
-    assert (params["data.name"], params["data.seed"], params["data.canvas"], params["data.pad"],
-            params["data.max_shift"], params["data.pairs_per_digit"], params["data.test_pairs_per_digit"]) == \
-        ("multimnist", "7", "36", "4", "6", "2", "1")
-    assert params["data.train_examples"] == "128" and params["data.test_examples"] == "40"
+    tags = run.data.tags  # the generator's settings the recipe chose; its defaults are in recipe.yaml
+    assert tuple(tags[f"recipe.data.{k}"] for k in ("name", "seed", "max_shift", "pairs_per_digit")) == \
+        ("multimnist", "7", "6", "2")
+    logged = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "recipe.yaml", str(workdir))).read_text())
+    assert {k: logged["data"][k] for k in ("seed", "canvas", "pad", "max_shift", "pairs_per_digit",
+                                           "test_pairs_per_digit")} == \
+        {"seed": 7, "canvas": 36, "pad": 4, "max_shift": 6, "pairs_per_digit": 2, "test_pairs_per_digit": 1}
+    assert tags["data.train_examples"] == "128" and tags["data.test_examples"] == "40"
     for key in ("test/error", "test/acc", "test/object_acc", "train/recon_loss", "test/recon_loss"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 1, key
 

@@ -296,10 +296,10 @@ def _logged_steps(uri: str, run_id: str) -> dict[str, list[int]]:
     return {k: sorted(v) for k, v in steps.items()}
 
 
-@pytest.mark.parametrize("every,steps", [(1, [1, 2, 3]), (2, [2]), (0, [])])
+@pytest.mark.parametrize("every,steps", [(1, [0, 1, 2, 3]), (2, [0, 2]), (0, [])])
 def test_training_logs_its_pictures_epoch_by_epoch(workdir, every, steps):
-    """The pictures of a 3-epoch CapsNet run, at step = epoch, under the picture commands' keys; and a
-    picture command afterwards lands at the checkpoint's epoch."""
+    """The pictures of a 3-epoch CapsNet run, at step = epoch (0: untrained, what MLflow's image cards open
+    on), under the picture commands' keys; and a picture command afterwards lands at the checkpoint's epoch."""
     recipe = workdir / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(train={"epochs": 3, "seed": 0},
                                                  tracking={"pictures_every": every})))
@@ -320,6 +320,21 @@ def test_training_logs_its_pictures_epoch_by_epoch(workdir, every, steps):
     assert _logged_steps(uri, run_id)["filters/conv1"] == sorted([*steps, best.epoch])
 
 
+def test_drawing_the_pictures_leaves_the_training_as_it_was(workdir):
+    """Weights after 2 epochs with pictures at every step (0, 1, 2) are bit-identical to those without."""
+    weights = []
+    for every in (1, 0):
+        recipe = workdir / f"every{every}.yaml"
+        recipe.write_text(yaml.safe_dump(tiny_recipe(name=f"every{every}", train={"epochs": 2, "seed": 0},
+                                                     data={"name": "shapes", "train_size": 64, "test_size": 16,
+                                                           "batch_size": 16, "augment": {"shift": 2}},
+                                                     tracking={"pictures_every": every})))
+        assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+        weights.append(Checkpoint.read(next(workdir.glob(f"runs/every{every}/*/checkpoints/last.pt"))).model)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_a_cnn_training_logs_filters_activations_and_saliency(workdir):
     recipe = workdir / "cnn.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(model={"name": "convnet_small", "channels": [4, 8], "hidden": [16]},
@@ -329,8 +344,8 @@ def test_a_cnn_training_logs_filters_activations_and_saliency(workdir):
     logged = _logged_steps(f"sqlite:///{workdir}/runs/mlflow.db", run_id)
     label = Checkpoint.read(next(workdir.glob("runs/tiny/*/checkpoints/best.pt")))  # the run's own test #0:
     first = recipe_from_dict(label.recipe, "t").data.load_test_split(workdir).labels[0]
-    assert logged == {"filters/features.0": [1, 2], "activations/features.0": [1, 2],
-                      f"saliency/class{int(first)}": [1, 2]}, logged  # its own class's map: one key
+    assert logged == {"filters/features.0": [0, 1, 2], "activations/features.0": [0, 1, 2],
+                      f"saliency/class{int(first)}": [0, 1, 2]}, logged  # its own class's map: one key
 
 
 def test_perturbation_columns_never_read_minus_zero():

@@ -113,6 +113,7 @@ BAD = [  # (recipe text or dict, overrides, words the one-line message must hold
     (tiny_recipe(), ["optimizer.lr=0"], ["optimizer.lr", "> 0"]),
     (tiny_recipe(), ["optimizer.betas=[0.9]"], ["optimizer.betas", "at least 2"]),
     (tiny_recipe(), ["loss.name=hinge"], ["loss.name", "margin, cross_entropy"]),
+    (tiny_recipe(), ["loss.recon_weight=0.1"], ["loss.name", "missing", "margin, cross_entropy, binary_cross_entropy"]),
     (tiny_recipe(), ["schedule.name=step"], ["schedule.name", "constant, exponential, cosine"]),
     (tiny_recipe(), ["device=tpu"], ["device", "auto, cpu, cuda, mps"]),
     (tiny_recipe(), ["model.decoder=yes"], ["model.decoder", "true or false", "'yes'"]),

@@ -30,8 +30,8 @@ def test_a_run_on_the_shared_server_reads_back_over_rest(workdir):
         run_id = run["info"]["run_id"]
         assert run["info"]["status"] == "FINISHED"
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
-        assert params["model.name"] == "capsnet" and params["train.seed"] == "5"
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["recipe.model.name"] == "capsnet" and params["train.seed"] == "5"
         for key in ("capsx.recipe", "capsx.data", "capsx.model", "capsx.device", "capsx.seed", "capsx.host"):
             assert tags[key], key
         assert tags["capsx.recipe"] == "tiny" and tags["capsx.data"] == "shapes" and tags["capsx.seed"] == "5"

@@ -66,13 +66,13 @@ def test_fine_tune_on_another_data_set_with_frozen_layers_and_a_new_head(workdir
     assert groups[0]["lr"] == pytest.approx(0.1 * groups[1]["lr"])
     assert [len(g["params"]) for g in groups] == [4, 2]  # features.3 and classifier.1; classifier.4
 
-    params = _run(workdir, "finetune").data.params
+    params = _run(workdir, "finetune").data.tags
     frozen = 8 * 1 * 5 * 5 + 8
     total = sum(t.numel() for k, t in tuned.items())
     assert int(params["model.frozen_params"]) == frozen
     assert int(params["model.trainable_params"]) == total - frozen
     assert int(params["model.pretrained_tensors"]) == len(tuned) - 2  # all but the head's two
-    assert params["model.freeze"] == "1" and params["model.head"] == "replace"
+    assert params["recipe.model.freeze"] == "1" and params["recipe.model.head"] == "replace"
 
     # a resumed run takes its own weights, freezes the same layer, and rebuilds the same lr groups
     res = runner.invoke(app, ["train", "--resume", "latest", "train.epochs=2"])

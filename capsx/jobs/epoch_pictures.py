@@ -1,6 +1,8 @@
 """The pictures a training logs as it goes: after every `tracking.pictures_every`-th epoch's evaluation,
 at step = the epoch, under the keys the picture commands use, for the same test inputs every epoch (so
-the MLflow UI's slider shows the model changing, not the input). They are the picture commands' own
+the MLflow UI's slider shows the model changing, not the input), and once at step 0, before the first
+epoch: the untrained model, which is also what MLflow's image cards open on (they show step 0 until the
+slider is moved). They are the picture commands' own
 drawings, made from the model in memory: the first conv layer's filters and activations (a CapsNet's
 primary-capsule lengths too); for a CapsNet with a decoder the reconstructions with the epoch's mistakes
 (Fig. 3, or Fig. 5 for two digits), one Fig. 4 grid and the routing couplings; for a CNN a saliency map."""
@@ -11,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from capsx.data.imageset import Examples
@@ -46,22 +49,30 @@ def epoch_pictures(recipe: Recipe, run: Run, tracker: Tracker | NullTracker, tes
                              run.data_root, run.run_dir, tracking_uri, preloaded_test=test)
         gallery = Gallery(trained, Path(run.run_dir) / "pictures", tracker, silent, state.epoch)
         start = time.perf_counter()
-        with eval_mode(model, inference=False):  # a saliency map needs gradients
-            for job in jobs_for(model, recipe.data.objects):
+        # a saliency map needs gradients; the training's random streams stay as they were
+        with eval_mode(model, inference=False), torch.random.fork_rng(devices=_accelerators(run.device)):
+            for job in jobs_for(model, recipe.data.objects, trained=state.epoch > 0):
                 job(trained, gallery)
         tracker.log_metrics({"time/pictures_s": time.perf_counter() - start}, step=state.epoch)  # their cost
 
     return draw
 
 
-def jobs_for(model: nn.Module, objects: int) -> list[Job]:
-    """What a model's epoch pictures are, as picture-command calls."""
+def _accelerators(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def jobs_for(model: nn.Module, objects: int, trained: bool = True) -> list[Job]:
+    """What a model's epoch pictures are, as picture-command calls. Untrained (step 0), a one-object
+    reconstruction is drawn without its error and strip of mistakes (there is no evaluation to take them
+    from, and a fresh pass would cost more than all the other pictures)."""
     jobs = first_layer_jobs()
     if not isinstance(model, CapsNet):
         return [*jobs, _saliency_of_the_label]
     if model.decoder is not None:
+        error_images = PAIR_ERROR_IMAGES if objects > 1 else None if trained else 0
         jobs.append(lambda t, out: run_reconstruct(t, out, count=10, misclassified=10, force_class=None, image=None,
-                                                   error_images=None if objects == 1 else PAIR_ERROR_IMAGES))
+                                                   error_images=error_images))
         if objects == 1:
             jobs.append(lambda t, out: run_perturb(t, out, dims=None, value_range=(-0.25, 0.25), steps=11, cls=None,
                                                    samples=1, image=None, class_mean=False))

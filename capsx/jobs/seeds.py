@@ -47,18 +47,18 @@ def run_seeds(recipe: Recipe, seeds: list[int], ctx: Context, *, recipe_path: st
         del tags["capsx.seed"]  # each child has its own
         parent = Tracker.start(uri, recipe.tracking.experiment or recipe.name,
                                run_name=f"{recipe.name} seeds {','.join(map(str, seeds))}", tags=tags)
-        params = recipe.to_dict()
-        params["train"]["seed"] = ",".join(map(str, seeds))
+        params = {**recipe.params(), "train.seed": ",".join(map(str, seeds))}
         parent.log_params(params)
     summary = SeedSummary(seeds, [], [], [])
     ctx.say(f"[bold]seeds[/] {', '.join(map(str, seeds))}"
                   + (f": parent run {parent.run_id}" if ctx.track else ""), soft_wrap=True)
     try:
         for seed in seeds:
-            raw = recipe.to_dict()
-            raw["train"]["seed"] = seed
-            raw["tracking"]["run_name"] = f"{recipe.tracking.run_name or recipe.name} seed {seed}"
-            done = run_training(recipe_from_dict(raw, source=recipe_path), ctx.with_store(uri),
+            raw = recipe.model_dump(mode="json", exclude_unset=True)  # so each child logs the same choices
+            raw.setdefault("train", {})["seed"] = seed
+            raw.setdefault("tracking", {})["run_name"] = f"{recipe.tracking.run_name or recipe.name} seed {seed}"
+            child = recipe_from_dict(raw, source=recipe_path).overridden(recipe.overridden_keys)
+            done = run_training(child, ctx.with_store(uri),
                                 recipe_path=recipe_path, parent_run_id=parent.run_id if ctx.track else None)
             if done.code:
                 parent.end("KILLED", note=f"stopped during seed {seed} (run {done.run_id})")

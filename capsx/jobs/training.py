@@ -25,7 +25,7 @@ from capsx.jobs.evaluation import confusion_dict
 from capsx.models.transfer import check_transfer
 from capsx.recipe import Recipe
 from capsx.track.runs import RunInfo, ensure_writable, make_run_dir, read_run_info
-from capsx.track.tracker import NullTracker, Tracker
+from capsx.track.tracker import NOTE, NullTracker, Tracker
 from capsx.train import distributed
 from capsx.train.checkpoint import Checkpoint
 from capsx.train.device import autocast, describe_device, resolve_device
@@ -131,12 +131,12 @@ def _open_tracking(recipe: Recipe, ctx: Context, group: Group, device: torch.dev
         RunInfo(tracker.run_id, experiment, recipe_path, uri if ctx.track else None, time.time()).save(run_dir)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         tracker.set_tags({"capsx.run_dir": str(run_dir.resolve())})
-        tracker.log_params(recipe.to_dict())
+        tracker.log_params(recipe.params())
         tracker.log_text(recipe.to_yaml(), "recipe.yaml")
     group.broadcast((tracker.run_id, run_dir))
     if group.active:
-        tracker.log_params({"distributed.processes": group.world,
-                            "distributed.batch_per_process": recipe.data.batch_size // group.world})
+        tracker.log_params({"distributed.processes": group.world})
+        tracker.set_tags({"distributed.batch_per_process": str(recipe.data.batch_size // group.world)})
     return tracker, run_dir
 
 
@@ -174,6 +174,9 @@ def run_tags(recipe: Recipe, device: torch.device) -> dict[str, str]:
         "capsx.data": recipe.data.name, "capsx.seed": str(recipe.train.seed), "capsx.device": describe_device(device),
         "capsx.torch": torch.__version__, "capsx.host": platform.node(), "mlflow.user": _user(),
     }
+    tags.update(recipe.tags())
+    if recipe.description:
+        tags[NOTE] = recipe.description
     commit = _git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit

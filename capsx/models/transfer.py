@@ -73,8 +73,8 @@ class TransferSetup:
     loaded: list[str] = field(default_factory=list)  # tensors taken from the pretrained file
     unused: list[str] = field(default_factory=list)  # tensors in the file the model has no use for
 
-    def params(self) -> dict[str, Any]:
-        """MLflow params."""
+    def facts(self) -> dict[str, Any]:
+        """MLflow tags: facts of the model, not settings."""
         out: dict[str, Any] = {"model.trainable_params": self.trainable, "model.frozen_params": self.frozen}
         if self.loaded:
             out.update({"model.pretrained_tensors": len(self.loaded), "model.pretrained_unused": len(self.unused)})

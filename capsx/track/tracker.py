@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from capsx.errors import CapsxError
+from capsx.schema import flatten
 
 try:
     import fcntl
@@ -119,17 +120,13 @@ def _store_errors(uri: str) -> Iterator[None]:
                          "or go without it: --no-track to train, --no-log for a picture command)") from None
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = str(v)
-    return out
+def shortest(value: float) -> float:
+    """The value to 12 significant digits: what the MLflow UI shows is 0.001, not the arithmetic's
+    0.0010000000000000009 (nothing capsx measures is known to more than 12 digits)."""
+    return float(f"{float(value):.12g}")
 
 
+NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 BUFFER_FILE = "tracking_buffer.jsonl"  # in the run directory: calls the store did not take yet
 RETRY_SECONDS = 15.0  # while the store is unreachable, try it again this often
 
@@ -203,13 +200,13 @@ class Tracker:
     # -- the calls ------------------------------------------------------------------------------
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._submit("params", {"items": [[k, v[:6000]] for k, v in _flatten(params).items()]})
+        self._submit("params", {"items": [[k, v[:6000]] for k, v in flatten(params).items()]})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)  # taken now, so a replay keeps the time it happened
-        self._submit("metrics", {"items": [[k, float(v), ts, step] for k, v in metrics.items()]})
+        self._submit("metrics", {"items": [[k, shortest(v), ts, step] for k, v in metrics.items()]})
 
-    def set_tags(self, tags: dict[str, str]) -> None:
+    def set_tags(self, tags: dict[str, Any]) -> None:
         self._submit("tags", {"items": [[k, str(v)] for k, v in tags.items()]})
 
     def log_text(self, text: str, artifact_file: str) -> None:
@@ -341,8 +338,9 @@ class Tracker:
             # path would only log it), and nothing waits on MLflow's queue thread at exit (it polls each 1 s)
             c.log_image(run, image, key=args["key"], step=args["step"], synchronous=True)
         elif op == "end":
-            if args["note"]:
-                c.set_tag(run, "mlflow.note.content", args["note"])
+            if args["note"]:  # below the run's description (the recipe's), not instead of it
+                before = c.get_run(run).data.tags.get(NOTE, "")
+                c.set_tag(run, NOTE, f"{before}\n\n{args['note']}" if before else args["note"])
             c.set_terminated(run, status=args["status"])
         else:
             raise AssertionError(f"unknown tracking op {op!r}")
@@ -363,7 +361,7 @@ class NullTracker:
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...

@@ -50,7 +50,7 @@ class RunLog(Protocol):
     run_id: str
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
 
 
 class Reporter(Protocol):
@@ -102,7 +102,8 @@ class Run:
     tracker: RunLog
     reporter: Reporter = field(default_factory=QuietReporter)
     group: Group = SINGLE  # the processes training together (one, unless under torchrun)
-    # called by the main process after each epoch's evaluation and checkpoints (the epoch's pictures)
+    # called by the main process before the first epoch and after each epoch's evaluation and checkpoints
+    # (the epoch's pictures)
     after_epoch: Callable[[nn.Module, TrainState], None] | None = None
 
 
@@ -118,6 +119,8 @@ def fit(recipe: Recipe, run: Run, resume: Checkpoint | None = None,
     final: EvalResult | None = None
     stopped_early = False
     with StopRequest() as stop:
+        if run.after_epoch is not None and group.is_main and state.global_step == 0:
+            run.after_epoch(t.model, state)  # step 0: the untrained model's pictures
         while state.epoch < cfg.epochs:
             run.reporter.epoch_start(state.epoch, cfg.epochs, len(t.train_batches), state.epoch_step)
             if not train_one_epoch(t.net, t.train_batches, t.step, state, run, log_every=cfg.log_every,
@@ -218,9 +221,9 @@ def _build(recipe: Recipe, run: Run, resume: Checkpoint | None, splits: DataSpli
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
     state = TrainState()
     if resume is None:
-        run.tracker.log_params({"model.num_params": sum(p.numel() for p in model.parameters()),
-                                "data.train_examples": len(splits.train), "data.test_examples": len(splits.test),
-                                **transfer.params()})
+        run.tracker.set_tags({"model.num_params": sum(p.numel() for p in model.parameters()),
+                              "data.train_examples": len(splits.train), "data.test_examples": len(splits.test),
+                              **transfer.facts()})
     else:
         state = _restore(resume, model, optimizer, scaler, group)
     if group.is_main and cfg.precision == "bf16" and run.device.type == "cpu" and cpu_has_bf16_units() is False:
