@@ -18,6 +18,7 @@ from capsx.train.state import EpochTotals
 if TYPE_CHECKING:
     from capsx.jobs.bench import BenchResult
     from capsx.jobs.ensemble import EnsembleResult
+    from capsx.jobs.pose import PoseReadout
     from capsx.recipe import Recipe
     from capsx.summary import ModelSummary
     from capsx.train.loop import FitResult
@@ -236,3 +237,39 @@ def bench_tables(title: str, res: BenchResult, rounds: int, gpu: bool) -> list[T
         *([("torch.compile (first calls)", f"{res.compile_seconds:.1f} s")] if res.compile_seconds else []),
     ])
     return [t, compute]
+
+
+MAX_POSE_DIMS = 32  # rows of the per-dimension table
+
+
+def pose_tables(title: str, readout: PoseReadout, caption: str) -> list[Table]:
+    """`eval --pose`: R^2 per class and pose quantity (with their mean), and what each feature dimension
+    follows most."""
+    r2 = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    r2.add_column("class")
+    for q in readout.quantities:
+        r2.add_column(f"R² {q}", justify="right")
+
+    def cell(v: float) -> str:
+        if v != v:
+            return "[dim]-[/]"
+        colour = "green" if v >= 0.9 else "yellow" if v >= 0.5 else "red"
+        return f"[{colour}]{v:.3f}[/]"
+
+    for name, row in zip(readout.classes, readout.r2, strict=True):
+        r2.add_row(name, *(cell(v) for v in row))
+    mean = readout.mean
+    r2.add_row("[bold]mean over classes[/]", *(cell(mean[q]) for q in readout.quantities), end_section=True)
+    shown = list(enumerate(readout.dims))
+    if len(shown) > MAX_POSE_DIMS:  # a CNN's wide layer: the dimensions that follow a quantity most
+        shown = sorted(shown, key=lambda d: -d[1][1])[:MAX_POSE_DIMS]
+    what = "each dimension" if len(shown) == len(readout.dims) else \
+        f"the {len(shown)} of its {len(readout.dims)} dimensions that follow a pose quantity most"
+    dims = Table(title=f"what {what} follows most", title_justify="left",
+                 caption="|r|: the mean over classes of its correlation with the quantity", caption_justify="left")
+    dims.add_column("dim", justify="right")
+    dims.add_column("quantity")
+    dims.add_column("|r|", justify="right")
+    for i, (q, r) in shown:
+        dims.add_row(str(i), q, f"{r:.2f}")
+    return [r2, dims]

@@ -35,6 +35,11 @@ def eval_(
         "--ensemble", help="Evaluate the runs as one classifier: the mean of their class probabilities "
                            "(capsule lengths; a CNN's softmax or sigmoid), the paper's CIFAR-10 protocol. A "
                            "`train --seeds` parent run stands for its seeds.")] = False,
+    pose: Annotated[bool, typer.Option(
+        "--pose", help="How much of the pose each class capsule holds (a CNN: its penultimate layer): per "
+                       "class, R^2 of a linear readout of each pose quantity (shapes: x, y, rotation, scale; "
+                       "smallnorb: azimuth, elevation, lighting), fitted on half its test images, scored on "
+                       "the other half.")] = False,
     data_root: DataRootOpt = None,
     tracking_uri: TrackingOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
@@ -46,6 +51,15 @@ def eval_(
     if images is not None and images < 1:
         raise CapsxError(f"--images {images}: expected at least 1")
     ctx = context(runs_dir, tracking_uri, data_root, track=log, device=device)
+    if pose:
+        from capsx.jobs.pose import run_pose
+
+        if ensemble or sweep is not None or check or dataset != "test":
+            raise CapsxError("--pose reads each run's own test split; give it without --sweep, --ensemble, "
+                             "--check and --dataset")
+        for ref in refs:
+            run_pose(ref, ctx, images=images)
+        return
     if ensemble:
         from capsx.jobs.ensemble import run_ensemble
 

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from capsx.data.files import canonical_root
 from capsx.data.imageset import DataSplits, Examples, ImageSet
+from capsx.data.pose import PoseQuantity
 from capsx.data.transforms import center_crop
 from capsx.errors import DataError
 from capsx.registry import Registry
@@ -65,6 +66,10 @@ class DataConfig(Section):
         """The test split alone, for commands that only look at test images (the picture commands,
         eval): `load(root).test` unless a data set can read it without its train split."""
         return self.load(root).test
+
+    def pose(self, examples: ImageSet) -> list[PoseQuantity]:
+        """The pose quantities this data set knows of `examples` (`capsx eval --pose`); none by default."""
+        return []
 
     def load_splits(self, root: Path) -> DataSplits:
         """`load`, then the subsets the recipe asks for, then the test split's central crop

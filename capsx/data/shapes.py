@@ -20,6 +20,7 @@ from torch import Tensor
 
 from capsx.data.config import DataConfig, register_dataset
 from capsx.data.imageset import DataSplits, Examples, ImageSet
+from capsx.data.pose import PoseQuantity, angle, linear
 
 SIZE = 28
 BASE_RADIUS = 9.0  # pixels from the centre to the shape's unit circle at scale 1
@@ -59,6 +60,8 @@ SHAPES = {
     "ell": lambda x, y: torch.minimum(_box(x, y, 0.25, 1.0, cx=-0.55), _box(x, y, 0.8, 0.25, cy=0.75)),
 }
 SHAPE_NAMES = list(SHAPES)
+# each shape's rotational symmetry: turned by 360/k degrees it is the same image (0: the ring has no angle)
+SYMMETRY = {"rectangle": 2, "ellipse": 2, "triangle": 3, "cross": 4, "ring": 0, "ell": 1}
 
 
 def draw_shapes(n: int, seed: int, min_scale: float, max_scale: float) -> ImageSet:
@@ -103,6 +106,13 @@ class ShapesConfig(DataConfig):
 
     image_shape: ClassVar[tuple[int, int, int]] = (1, SIZE, SIZE)
     classes: ClassVar[list[str]] = SHAPE_NAMES
+
+    def pose(self, examples: ImageSet) -> list[PoseQuantity]:
+        """Centre x and y (pixels), rotation (as cos, sin of k x angle, k the shape's symmetry), scale."""
+        p = examples.extras["pose"]
+        symmetry = torch.tensor([SYMMETRY[name] for name in SHAPE_NAMES])[examples.labels]
+        return [linear("x", p[:, 0]), linear("y", p[:, 1]), angle("rotation", p[:, 2], symmetry),
+                linear("scale", p[:, 3])]
 
     def load_test(self, root: Path) -> Examples:
         return draw_shapes(self.test_size, 2 * self.seed + 1, self.min_scale, self.max_scale)

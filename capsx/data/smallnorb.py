@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from capsx.data.config import DataConfig, register_dataset
 from capsx.data.files import reading, require_files
 from capsx.data.imageset import DataSplits, ImageSet
+from capsx.data.pose import PoseQuantity, angle, degrees, linear
 from capsx.errors import DataError
 
 FOLDER = "smallnorb"
@@ -101,6 +102,13 @@ class SmallNORBConfig(DataConfig):
     image_shape: ClassVar[tuple[int, int, int]] = (2, SIZE, SIZE)
     classes: ClassVar[list[str]] = ["animal", "human", "airplane", "truck", "car"]
     needs_root: ClassVar[bool] = True
+
+    def pose(self, examples: ImageSet) -> list[PoseQuantity]:
+        """Azimuth (0, 20, ..., 340 degrees: as cos, sin), elevation (30 to 70 degrees), lighting (0-5)."""
+        e = examples.extras
+        one = torch.ones(len(examples.labels), dtype=torch.int64)
+        return [angle("azimuth", degrees(e["azimuth"] * 10), one), linear("elevation", 30 + 5 * e["elevation"]),
+                linear("lighting", e["lighting"])]
 
     def load(self, root: Path) -> DataSplits:
         folder = root / FOLDER
