@@ -171,3 +171,24 @@ def test_a_training_run_is_named_marked_as_training_and_samples_the_system(workd
         assert "system/cpu_utilization_percentage" in sampled and "system/system_memory_usage_megabytes" in sampled
     else:
         assert sampled == []
+
+
+def test_latest_is_the_newest_run_with_weights_and_a_broken_run_json_hides_no_other(tmp_path):
+    from capsx.track.runs import RunInfo, find_run_dir
+
+    def run(name: str, started: float, checkpoint: str | None) -> Path:
+        d = tmp_path / "exp" / name
+        (d / "checkpoints").mkdir(parents=True)
+        RunInfo(name, "exp", "r.yaml", None, started).save(d)
+        if checkpoint:
+            (d / "checkpoints" / checkpoint).write_bytes(b"x")
+        return d
+
+    older = run("a" * 32, 1.0, "best.pt")
+    newest = run("b" * 32, 2.0, None)  # stopped before its first checkpoint
+    broken = tmp_path / "exp" / ("c" * 32)
+    broken.mkdir()
+    (broken / "run.json").write_text("{not json")
+    assert find_run_dir(tmp_path, "latest") == older  # weights to evaluate or draw
+    assert find_run_dir(tmp_path, "latest", which="last") == newest  # to resume: the newest, whose missing
+    # last.pt is then an error, not a quiet resume of an older run

@@ -62,13 +62,24 @@ def is_run_id(ref: str) -> bool:
     return re.fullmatch(r"[0-9a-f]{32}", ref) is not None
 
 
-def find_run_dir(runs_dir: Path, ref: str) -> Path | None:
-    """The local directory of run `ref` (a run id or `latest`), or None if it is not here."""
+def find_run_dir(runs_dir: Path, ref: str, *, which: str = "best") -> Path | None:
+    """The local directory of run `ref` (a run id or `latest`), or None if it is not here.
+
+    `latest`: for weights (`which` "best"), the newest run holding a checkpoint, tracked or not (a picture
+    command says when its pictures stay local); to resume ("last"), the newest run, whose missing last.pt
+    is then an error rather than a quiet resume of an older run. A run.json that cannot be read is passed
+    over: one broken run must not hide all the others."""
     infos = sorted(runs_dir.glob("*/*/run.json"))
     if ref == "latest":
-        if not infos:
-            return None
-        return max(infos, key=lambda p: (read_run_info(p.parent).started, p.stat().st_mtime)).parent
+        candidates = []
+        for p in infos:
+            try:
+                info = read_run_info(p.parent)
+            except (OSError, ValueError, TypeError):
+                continue
+            if which == "last" or any((p.parent / "checkpoints" / n).is_file() for n in ("best.pt", "last.pt")):
+                candidates.append((info.started, p.stat().st_mtime, p.parent))
+        return max(candidates, key=lambda c: c[:2])[2] if candidates else None
     for p in infos:
         if p.parent.name == ref:
             return p.parent
@@ -92,7 +103,7 @@ def resolve_checkpoint(ref: str, runs_dir: Path, tracking_uri: str | None, which
     path = Path(ref)
     if path.is_file():
         return path
-    run_dir = path if (path / "checkpoints").is_dir() else find_run_dir(runs_dir, ref)
+    run_dir = path if (path / "checkpoints").is_dir() else find_run_dir(runs_dir, ref, which=which)
     if run_dir is not None:
         if which == "last":
             last = run_dir / "checkpoints" / "last.pt"
@@ -101,7 +112,8 @@ def resolve_checkpoint(ref: str, runs_dir: Path, tracking_uri: str | None, which
             return last
         return best_checkpoint(run_dir)
     if ref == "latest":
-        raise CapsxError(f"no runs in {runs_dir}/ yet; train one first (e.g. capsx train recipes/quickstart.yaml)")
+        raise CapsxError(f"no run with a checkpoint in {runs_dir}/ yet; train one first "
+                         "(e.g. capsx train recipes/quickstart.yaml)")
     if is_run_id(ref) and which == "best":
         from capsx.track.tracker import download_checkpoint, resolve_tracking_uri
 
