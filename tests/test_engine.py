@@ -235,3 +235,21 @@ def test_bf16_units_from_cpuinfo(cpuinfo, expected):
     from capsx.train.device import cpu_has_bf16_units
 
     assert cpu_has_bf16_units(cpuinfo) is expected
+
+
+def test_the_best_epoch_is_the_lowest_error_and_of_equal_errors_the_lowest_test_loss():
+    from capsx.train.metrics import EvalResult
+    from capsx.train.state import TrainState
+
+    state = TrainState()
+    labels = torch.tensor([0, 1, 1, 0])
+
+    def close(wrong: int, loss: float) -> bool:
+        predictions = labels.clone()
+        predictions[:wrong] = 1 - predictions[:wrong]
+        final = EvalResult.from_predictions(loss, {}, labels, predictions, ["a", "b"])
+        return state.end_epoch({"test/loss": loss}, final)
+
+    assert [close(1, 0.5), close(0, 0.4), close(0, 0.3), close(0, 0.35), close(1, 0.1)] == \
+        [True, True, True, False, False]
+    assert (state.best_epoch, state.best_error, state.best_loss, state.bad_epochs) == (3, 0.0, 0.3, 2)

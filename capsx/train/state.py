@@ -65,6 +65,7 @@ class TrainState:
     global_step: int = 0
     best_error: float | None = None
     best_epoch: int | None = None
+    best_loss: float | None = None  # the test loss at the best epoch: breaks ties of the error
     bad_epochs: int = 0  # epochs since the best test error (early stopping)
     totals: EpochTotals = field(default_factory=EpochTotals)
     history: list[dict[str, float]] = field(default_factory=list)  # one row of metrics per epoch
@@ -77,14 +78,16 @@ class TrainState:
 
     def end_epoch(self, metrics: dict[str, float], final: EvalResult) -> bool:
         """Close the epoch in progress: its metrics into the history, its first mistakes, the best test
-        error and the epochs since it (early stopping). True if the error improved."""
-        epoch, error = self.epoch + 1, final.error
+        error and the epochs since it (early stopping). True if the error improved, or stayed and the test
+        loss fell (a model at 0 errors keeps improving: its reconstructions and poses sharpen)."""
+        epoch, error, loss = self.epoch + 1, final.error, metrics.get("test/loss")
         self.history.append({"epoch": epoch, **metrics})
         if final.mistakes is not None:
             self.test_mistakes = final.mistakes[:MISTAKES_KEPT].tolist()
-        improved = self.best_error is None or error < self.best_error
+        improved = self.best_error is None or error < self.best_error or (
+            error == self.best_error and loss is not None and (self.best_loss is None or loss < self.best_loss))
         if improved:
-            self.best_error, self.best_epoch, self.bad_epochs = error, epoch, 0
+            self.best_error, self.best_epoch, self.best_loss, self.bad_epochs = error, epoch, loss, 0
         else:
             self.bad_epochs += 1
         self.epoch, self.epoch_step, self.totals = epoch, 0, EpochTotals()
