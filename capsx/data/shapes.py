@@ -25,6 +25,7 @@ from capsx.data.pose import PoseQuantity, angle, linear
 SIZE = 28
 BASE_RADIUS = 9.0  # pixels from the centre to the shape's unit circle at scale 1
 EXTENT = 1.3  # the farthest any shape reaches in unit coordinates (the ell's corners: 1.28)
+# every shape is centred on its centroid, so the pose's centre is the shape's centre of mass
 MARGIN = 1.5  # pixels kept dark at the border (1, plus half a pixel of anti-aliasing)
 
 
@@ -55,9 +56,12 @@ SHAPES = {
     "rectangle": lambda x, y: _box(x, y, 1.0, 0.6),
     "ellipse": lambda x, y: _ellipse(x, y, 1.0, 0.6),
     "triangle": _triangle,
-    "cross": lambda x, y: torch.minimum(_box(x, y, 1.0, 0.28), _box(x, y, 0.28, 1.0)),
+    "cross": lambda x, y: torch.minimum(_box(x, y, 1.0, 0.36), _box(x, y, 0.36, 1.0)),
     "ring": lambda x, y: (torch.sqrt(x * x + y * y) - 0.72).abs() - 0.22,
-    "ell": lambda x, y: torch.minimum(_box(x, y, 0.25, 1.0, cx=-0.55), _box(x, y, 0.8, 0.25, cy=0.75)),
+    # the ell's bars placed so that its centroid is the frame's origin: its pose (x, y) is then where the
+    # shape is, as for the others, not a point beside it that moves as it turns (farthest corner 1.28)
+    "ell": lambda x, y: torch.minimum(_box(x, y, 0.2325, 0.93, cx=-0.263, cy=-0.248),
+                                      _box(x, y, 0.744, 0.2325, cx=0.248, cy=0.449)),
 }
 SHAPE_NAMES = list(SHAPES)
 # each shape's rotational symmetry: turned by 360/k degrees it is the same image (0: the ring has no angle)
