@@ -25,10 +25,29 @@ from capsx.schema import Section, flatten
 from capsx.train.losses import BinaryCrossEntropyConfig, CrossEntropyConfig, LossConfig, MarginLossConfig
 from capsx.train.optim import OptimizerConfig, ScheduleConfig
 
+MAX_YAML_VALUES = 100_000  # a recipe holds a few hundred; aliases must not expand it past this
+
 
 class _RecipeLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` (no object construction) with YAML 1.2's scalars: 1e-3 is a float
-    (YAML 1.1 wants "1.0e-3") and only true/false are booleans (1.1 also takes yes/no/on/off)."""
+    (YAML 1.1 wants "1.0e-3") and only true/false are booleans (1.1 also takes yes/no/on/off).
+    A key given twice in one mapping is an error (YAML lets the last win, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden: that is its point
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the constructor says so below
+                continue
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first at line {first + 1}); keep one",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _RecipeLoader.yaml_implicit_resolvers = {
@@ -45,7 +64,37 @@ _RecipeLoader.add_implicit_resolver(
 
 
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    """The document's value; refused (a yaml.YAMLError with its place) if a key repeats or its aliases
+    expand it past MAX_YAML_VALUES values ("billion laughs": a few lines that would take all memory)."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"its aliases expand it to {size:,} values (at most {MAX_YAML_VALUES:,}; a recipe "
+                            "holds a few hundred)", node.start_mark)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values `node` becomes once every alias is copied out (an alias is the node it names,
+    so each shared node is counted once and multiplied, never walked again)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a node that contains itself (a recursive alias) counts once
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(n, memo) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
 
 
 if TYPE_CHECKING:  # what the sections are to a type checker: the registries' common bases

@@ -120,6 +120,14 @@ CASES = [
      ["not both"]),
     ("image-not-an-image", None, ["reconstruct", "--checkpoint", "{tmp}/ckpt/caps.pt", "--image", "{tmp}/binary.yaml",
                                   "--no-log"], 2, ["not an image file"]),
+    ("summary-input-too-small", _recipe(), ["summary", "{r}", "--input", "1x1x1"], 2,
+     ["--input 1x1x1: capsnet cannot take inputs of this shape", "too small for the conv kernels"]),
+    ("image-huge", None, ["reconstruct", "--checkpoint", "{tmp}/ckpt/caps.pt", "--image", "{tmp}/huge.png",
+                          "--no-log"], 2, ["8000x6000 pixels is more than capsx reads (40 million)"]),
+    ("perturb-steps-huge", None, ["perturb", "--checkpoint", "{tmp}/ckpt/caps.pt", "--steps", "100000", "--no-log"],
+     2, ["--steps: expected 2 to 101 columns", "got 100000"]),
+    ("perturb-samples-zero", None, ["perturb", "--checkpoint", "{tmp}/ckpt/caps.pt", "--samples", "0", "--no-log"],
+     2, ["--samples 0: expected 1 to 100"]),
     ("image-blank", None, ["reconstruct", "--checkpoint", "{tmp}/ckpt/caps.pt", "--image", "{tmp}/blank.png",
                            "--no-log"], 2, ["no ink found"]),
     ("filters-unknown-layer", None, ["visualize", "filters", "--checkpoint", "{tmp}/ckpt/caps.pt", "--layer", "x",
@@ -187,6 +195,7 @@ def prepared(tmp_path_factory):
     from PIL import Image
 
     Image.new("L", (40, 30)).save(tmp / "blank.png")
+    Image.new("L", (8000, 6000)).save(tmp / "huge.png")  # 48 million pixels (a few kB as a PNG)
     from tests.test_affnist import _mnist_with_a_leak
 
     _mnist_with_a_leak(tmp / "leak", copies=1, n_test=64)

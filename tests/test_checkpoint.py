@@ -81,6 +81,32 @@ def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 
 
+def test_a_disk_that_takes_no_more_is_one_line_and_the_old_checkpoint_stays(tmp_path):
+    """A real failed write: the file-size limit (RLIMIT_FSIZE, as a full disk would) in a child process."""
+    import subprocess
+    import sys
+
+    path = save_checkpoint(tmp_path / "last.pt", {"n": 1})
+    child = (
+        "import resource, signal, sys, torch\n"
+        "from pathlib import Path\n"
+        "from capsx.errors import RunError\n"
+        "from capsx.train.checkpoint import save_checkpoint\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a kill\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "try:\n"
+        "    save_checkpoint(Path(sys.argv[1]), {'n': 2, 'w': torch.zeros(4 << 20)})\n"
+        "except RunError as e:\n"
+        "    print(e)\n"
+        "    sys.exit(1)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
+    assert done.stdout.startswith(f"{path}: could not write the checkpoint (")
+    assert "the previous last.pt is kept; free some disk space and --resume" in done.stdout
+    assert load_checkpoint(path)["n"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 class _SignalAt:
     """Sends SIGINT to this process after global step `at`, as a user's Ctrl-C would arrive."""
 

@@ -93,8 +93,15 @@ def test_overrides_do_not_touch_the_input():
     assert raw["train"]["epochs"] == 1
 
 
+# "billion laughs": nine lines, each alias list nine of the one above; expanded, sum over n = 1..9 of
+# (9^(n+1) - 1) / 8 values, plus the 14 of the mapping around them and the model section
+LAUGHS = "".join(f"{k}: &{k} [{', '.join([f'*{p}' if p else '0'] * 9)}]\n"
+                 for p, k in zip(["", *"abcdefgh"], "abcdefghi", strict=True)) + "model: {name: capsnet}\n"
 BAD = [  # (recipe text or dict, overrides, words the one-line message must hold)
     ("model: [unclosed", [], ["not valid YAML", "line 1"]),
+    ("model: {name: capsnet}\ndata: {name: shapes}\ndata: {name: mnist}\n", [],
+     ["line 3", "key 'data' given twice (first at line 2)"]),
+    (LAUGHS, [], ["aliases expand it to 490,329,068 values", "at most 100,000"]),
     ("- a\n- b\n", [], ["expected a mapping of sections", "a list"]),
     (tiny_recipe(model={"name": "capsnet", "routing_iters": 0}), [], ["model.routing_iters", ">= 1", "got 0"]),
     (tiny_recipe(model={"name": "capsnet", "routing_iter": 3}), [], ["model.routing_iter", "unknown key",

@@ -38,10 +38,16 @@ def summary(
     r = load_recipe(recipe, [*(set_ or []), *(overrides or [])])
     shape = _parse_shape(input_shape) if input_shape else r.data.input_shape
     num_classes = classes or len(r.data.classes)
-    model = build_model(r.model, shape, num_classes, r.data.objects)
+    where = f"--input {input_shape}" if input_shape else f"{recipe}: {r.data.name}'s {'x'.join(map(str, shape))}"
+    try:  # too small an input for the kernels: the model's own check (ValueError) or torch's (RuntimeError)
+        model = build_model(r.model, shape, num_classes, r.data.objects)
+        layers = summarize(model, shape)
+    except (ValueError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CapsxError(f"{where}: {r.model.name} cannot take inputs of this shape ({reason})") from None
     title = (f"{r.model.name} on {r.data.name if not input_shape else 'inputs'} {'x'.join(map(str, shape))}, "
              f"{num_classes} classes")
-    for table in summary_tables(title, summarize(model, shape), [name for name, _ in freeze_layers(model)]):
+    for table in summary_tables(title, layers, [name for name, _ in freeze_layers(model)]):
         console.print(table)
 
 

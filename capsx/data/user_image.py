@@ -14,18 +14,22 @@ from torch import Tensor
 from capsx.errors import CapsxError
 
 INK_FRACTION = 20 / 28  # MNIST: digits fit a 20x20 box inside the 28x28 canvas
+MAX_PIXELS = 40_000_000  # larger pictures are refused before decoding (40 MP: about 160 MB as RGB floats)
 
 
 def load_user_image(path: Path, input_shape: tuple[int, int, int]) -> Tensor:
     """(1, C, H, W) float in [0, 1] for a model that takes `input_shape` inputs."""
     C, H, W = input_shape
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only: the size is known before any decoding
+            if im.width * im.height > MAX_PIXELS:
+                raise CapsxError(f"--image {path}: {im.width}x{im.height} pixels is more than capsx reads "
+                                 f"({MAX_PIXELS // 1_000_000} million); scale it down first")
             im.load()
             picture = im.convert("RGB" if C == 3 else "L")
     except FileNotFoundError:
         raise CapsxError(f"--image {path}: file not found") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
         raise CapsxError(f"--image {path}: not an image file Pillow can read ({e})") from None
     x = np.asarray(picture, dtype=np.float32) / 255.0
     grey = x if x.ndim == 2 else x.mean(axis=2)

@@ -12,11 +12,15 @@ from capsx.jobs.pictures import Gallery, choose_inputs
 from capsx.jobs.trained import TrainedRun
 from capsx.pictures import canvas, capsules
 
+MAX_SAMPLES = 100
+
 
 def run_perturb(t: TrainedRun, out: Gallery, *, dims: list[int] | None, value_range: tuple[float, float], steps: int,
                 cls: int | None, samples: int | None, image: list[Path] | None, class_mean: bool) -> None:
     """The paper's Fig. 4: decode the winning capsule with one dimension tweaked at a time."""
     model = capsules.require_decoder(t.model, "perturb")
+    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
+        raise CapsxError(f"--samples {samples}: expected 1 to {MAX_SAMPLES} (each one is a picture, or a row)")
     deltas = capsules.perturbation_values(*value_range, steps)
     D = model.class_caps.weight.shape[2]
     all_dims = dims is None

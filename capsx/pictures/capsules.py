@@ -20,10 +20,13 @@ def require_decoder(model: nn.Module, what: str) -> CapsNet:
     return model
 
 
+MAX_STEPS = 101  # columns of a perturbation grid: a picture's width, and memory, grow with them
+
+
 def perturbation_values(start: float, stop: float, steps: int) -> Tensor:
     """The paper's columns: -0.25 .. 0.25 in steps of 0.05 is (start, stop, steps) = (-0.25, 0.25, 11)."""
-    if steps < 2:
-        raise CapsxError(f"--steps: expected at least 2 columns, got {steps}")
+    if not 2 <= steps <= MAX_STEPS:
+        raise CapsxError(f"--steps: expected 2 to {MAX_STEPS} columns (the paper's: 11), got {steps}")
     if not start < stop:
         raise CapsxError(f"--range: expected START < STOP, got {start}:{stop}")
     return torch.linspace(start, stop, steps)

@@ -24,7 +24,14 @@ class RunInfo:
     started: float
 
     def save(self, run_dir: Path) -> None:
-        (run_dir / "run.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+        """Written beside, then renamed into place, as checkpoints are: never half a file."""
+        tmp = run_dir / f".run.json.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+            os.replace(tmp, run_dir / "run.json")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CapsxError(f"{run_dir}: cannot write run.json ({e.strerror or e})") from None
 
 
 def ensure_writable(runs_dir: Path) -> None:
