@@ -143,6 +143,22 @@ class Recipe(Section):
     paper: list[PaperNumber] = Field(default_factory=list)  # the paper's numbers this recipe reproduces
     _overridden: tuple[str, ...] = PrivateAttr(default=())  # the keys `--set` changed (see `params`)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_the_default_loss(cls, raw: Any) -> Any:
+        """`loss: {recon_weight: 0}` without a name (e.g. `--set loss.recon_weight=0` on a recipe with no
+        loss section) changes the loss the model gets by default, rather than asking for its name."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("loss"), dict) or "name" in raw["loss"]:
+            return raw
+        model, data = raw.get("model"), raw.get("data")
+        model_name = model.get("name") if isinstance(model, dict) else None
+        data_name = data.get("name") if isinstance(data, dict) else None
+        if model_name not in MODELS or data_name not in DATASETS:
+            return raw  # the model's or data's own error says what is wrong
+        name = "margin" if MODELS.get(model_name).outputs_capsules else \
+            "cross_entropy" if DATASETS.get(data_name).objects == 1 else "binary_cross_entropy"
+        return {**raw, "loss": {"name": name, **raw["loss"]}}
+
     @model_validator(mode="after")
     def _default_loss(self) -> Recipe:
         if self.loss is None:

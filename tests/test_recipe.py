@@ -120,7 +120,7 @@ BAD = [  # (recipe text or dict, overrides, words the one-line message must hold
     (tiny_recipe(), ["optimizer.lr=0"], ["optimizer.lr", "> 0"]),
     (tiny_recipe(), ["optimizer.betas=[0.9]"], ["optimizer.betas", "at least 2"]),
     (tiny_recipe(), ["loss.name=hinge"], ["loss.name", "margin, cross_entropy"]),
-    (tiny_recipe(), ["loss.recon_weight=0.1"], ["loss.name", "missing", "margin, cross_entropy, binary_cross_entropy"]),
+    (tiny_recipe(), ["loss.name=null", "loss.recon_weight=0.1"], ["loss.name", "margin, cross_entropy"]),
     (tiny_recipe(), ["schedule.name=step"], ["schedule.name", "constant, exponential, cosine"]),
     (tiny_recipe(), ["device=tpu"], ["device", "auto, cpu, cuda, mps"]),
     (tiny_recipe(), ["model.decoder=yes"], ["model.decoder", "true or false", "'yes'"]),
@@ -156,3 +156,10 @@ def test_bad_override_syntax(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_an_override_of_one_loss_field_changes_the_loss_the_model_gets_by_default():
+    caps = recipe_from_dict(tiny_recipe(), "t", ["loss.recon_weight=0"])  # tiny_recipe has no loss section
+    assert (caps.loss_config.name, caps.loss_config.recon_weight) == ("margin", 0.0)
+    cnn = recipe_from_dict(tiny_recipe(model={"name": "convnet_small"}), "t", ["loss.label_smoothing=0.1"])
+    assert (cnn.loss_config.name, cnn.loss_config.label_smoothing) == ("cross_entropy", 0.1)
