@@ -153,7 +153,8 @@ class Recipe(Section):
         model, data = raw.get("model"), raw.get("data")
         model_name = model.get("name") if isinstance(model, dict) else None
         data_name = data.get("name") if isinstance(data, dict) else None
-        if model_name not in MODELS or data_name not in DATASETS:
+        if not isinstance(model_name, str) or not isinstance(data_name, str) or model_name not in MODELS \
+                or data_name not in DATASETS:
             return raw  # the model's or data's own error says what is wrong
         name = "margin" if MODELS.get(model_name).outputs_capsules else \
             "cross_entropy" if DATASETS.get(data_name).objects == 1 else "binary_cross_entropy"

@@ -1,9 +1,11 @@
 """A shared tracking server: `capsx server` for real, a training against it, and everything read back
 over MLflow's REST API (params, team tags, per-epoch metrics, an image, the checkpoint artifact)."""
 
+import importlib.util
 import io
 import urllib.request
 
+import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -56,3 +58,13 @@ def test_a_run_on_the_shared_server_reads_back_over_rest(workdir):
         assert all(torch.equal(payload["model"][k], saved[k]) for k in saved)
     finally:
         srv.stop()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("psycopg") is not None, reason="psycopg is installed here")
+def test_a_database_backend_without_its_driver_is_one_line_saying_what_to_install(tmp_path):
+    res = CliRunner().invoke(app, ["server", "--backend-store-uri", "postgresql://me:secret@127.0.0.1/mlflow",
+                                   "--store", str(tmp_path / "srv")])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        "error: --backend-store-uri postgresql://me:***@127.0.0.1/mlflow: needs the Python driver 'psycopg', "
+        "which is not installed; pip install 'capsx[postgres]' (psycopg 3: what MLflow's postgresql:// uses)"]
+    assert not (tmp_path / "srv").exists()  # refused before anything was made

@@ -55,6 +55,8 @@ def server(
              "requests by default).")] = None,
 ) -> None:
     """Start a shared MLflow tracking server; point runs at it with --tracking-uri http://HOST:PORT."""
+    if backend_store_uri:
+        check_database_driver(backend_store_uri)
     store.mkdir(parents=True, exist_ok=True)
     backend = backend_store_uri or f"sqlite:///{(store / 'mlflow.db').resolve()}"
     artifacts = (store / "artifacts").resolve()
@@ -64,6 +66,32 @@ def server(
     _become_mlflow(args, host, port, f"MLflow tracking server at http://{reach}:{port} (store {backend}, "
                                      f"artifacts {artifacts}); train against it with: capsx train RECIPE "
                                      f"--tracking-uri http://{reach}:{port}   (Ctrl-C to stop)", env={})
+
+
+DRIVER_HINTS = {"psycopg": "pip install 'capsx[postgres]' (psycopg 3: what MLflow's postgresql:// uses)",
+                "psycopg2": "pip install psycopg2-binary", "mysqldb": "pip install mysqlclient",
+                "pymysql": "pip install pymysql"}
+
+
+def check_database_driver(uri: str) -> None:
+    """A database backend's Python driver, imported before MLflow starts: a missing one is one line saying
+    what to install, not MLflow's traceback after a minute of waiting for the server's health."""
+    if uri.startswith(("sqlite:", "file:", "http:", "https:", "databricks")) or "://" not in uri:
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(uri)
+        dialect = url.get_dialect()
+    except Exception as e:
+        raise CapsxError(f"--backend-store-uri: {uri.split('@')[-1]} is no database URI SQLAlchemy knows "
+                         f"({str(e).splitlines()[0][:120]})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError:
+        hint = DRIVER_HINTS.get(dialect.driver, f"pip install the {dialect.driver!r} package")
+        raise CapsxError(f"--backend-store-uri {url.render_as_string(hide_password=True)}: needs the Python "
+                         f"driver {dialect.driver!r}, which is not installed; {hint}") from None
 
 
 def _become_mlflow(args: list[str], host: str, port: int, banner: str, env: dict[str, str]) -> None:
