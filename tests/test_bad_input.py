@@ -228,7 +228,7 @@ def prepared(tmp_path_factory):
 
 
 def test_the_table_has_at_least_forty_cases():
-    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+    assert len(CASES) == 94 and len({c[0] for c in CASES}) == len(CASES)  # a case dropped by mistake shows
 
 
 @pytest.mark.parametrize("name,text,args,code,words", CASES, ids=[c[0] for c in CASES])

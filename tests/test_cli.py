@@ -74,9 +74,12 @@ def test_train_then_eval_into_a_real_mlflow_store(workdir, tiny_mnist):
     assert eval_error[0].value == pytest.approx(best.value, abs=1e-12)
     assert len(client.get_metric_history(run.info.run_id, "eval/acc_class/3")) == 1
 
-    # by run id, and by checkpoint path, without logging
-    assert invoke("eval", run.info.run_id, "--data-root", str(tiny_mnist), "--no-log").exit_code == 0
-    assert invoke("eval", str(local), "--data-root", str(tiny_mnist), "--no-log").exit_code == 0
+    # by run id, and by checkpoint path (last.pt: the final epoch), without logging: the errors training logged
+    final = test_error[-1]
+    for ref, expected in ((run.info.run_id, best), (str(local), final)):
+        res = invoke("eval", ref, "--data-root", str(tiny_mnist), "--no-log")
+        assert res.exit_code == 0 and f"{100 * expected.value:.2f}%" in res.output, (ref, res.output)
+    assert len(client.get_metric_history(run.info.run_id, "eval/error")) == 1  # --no-log logged nothing
 
 
 def test_eval_fetches_the_checkpoint_from_mlflow_when_the_run_dir_is_gone(workdir, tiny_mnist):
@@ -153,7 +156,7 @@ def test_bad_input_is_one_red_line_without_traceback(workdir, args, code, words)
             for a in args]
     res = runner.invoke(app, args)
     assert res.exit_code == code, res.output
-    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    assert "Traceback" not in res.output and (res.exception is None or isinstance(res.exception, SystemExit))
     lines = [line for line in res.output.splitlines() if line.strip()]
     error_lines = [line for line in lines if line.startswith("error:")]
     assert len(error_lines) == 1, res.output

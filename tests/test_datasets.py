@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from typer.testing import CliRunner
 
 from capsx.cli import app
@@ -305,14 +306,20 @@ def test_cli_trains_on_each_data_set_into_mlflow(workdir, writer, data, model, s
     client, run = _finished_run(workdir)
     assert run.data.tags["capsx.data"] == data["name"]
     test_error = client.get_metric_history(run.info.run_id, "test/error")
-    assert len(test_error) == 1 and 0 <= test_error[0].value <= 1
+    test_acc = client.get_metric_history(run.info.run_id, "test/acc")
+    assert len(test_error) == 1 and test_error[0].value == pytest.approx(1 - test_acc[0].value, abs=1e-12)
     if model["name"] == "capsnet":
         assert client.get_metric_history(run.info.run_id, "train/recon_loss")  # the decoder rebuilt C x H x W
     if data["name"] != "svhn" and model["name"] == "capsnet":  # pictures of 3 channels + none of the above, 2 channels
+        pictures = next(workdir.glob("runs/tiny/*/pictures"))
+        for name in ("routing_couplings.png", "recon_test.png"):
+            (pictures / name).unlink(missing_ok=True)  # the epoch pictures drew them: draw them again
         res = runner.invoke(app, ["visualize", "routing", "--data-root", str(root)], catch_exceptions=False)
-        assert res.exit_code == 0, res.output
+        assert res.exit_code == 0 and (pictures / "routing_couplings.png").is_file(), res.output
         res = runner.invoke(app, ["reconstruct", "--count", "4", "--data-root", str(root)], catch_exceptions=False)
-        assert res.exit_code == 0, res.output
+        assert res.exit_code == 0 and (pictures / "recon_test.png").is_file(), res.output
+        with Image.open(pictures / "recon_test.png") as im:  # 4 inputs above 4 decodings: 4 tiles wide
+            assert im.width > 4 * shape[2] and im.height > 2 * shape[1]
     payload = torch.load(next(workdir.glob("runs/tiny/*/checkpoints/best.pt")), weights_only=False)
     assert payload["recipe"]["data"]["augment"].get("crop") == data["augment"].get("crop")
     first = next(v for k, v in payload["model"].items() if v.dim() == 4)  # the first conv's weight
@@ -323,7 +330,8 @@ def test_cli_missing_data_set_is_one_line_with_the_flag(workdir):
     res = _train(workdir, {"name": "cifar10"}, dict(TINY_CAPSNET), workdir / "nothing")
     assert res.exit_code == 2
     lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) <= 3 and "CIFAR-10 not found" in res.output and "data.download=true" in res.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "CIFAR-10 not found" in res.output
+    assert "data.download=true" in res.output
     assert "Traceback" not in res.output
 
 

@@ -142,8 +142,8 @@ def test_train_with_seeds_nests_a_run_per_seed_and_logs_mean_and_std(workdir):
     assert parent.data.metrics["seeds/test_error_std"] == pytest.approx(std, abs=1e-12)
     assert parent.data.metrics["seeds/count"] == 2
     assert f"{100 * mean:.2f}% +- {100 * std:.2f}" in res.output
-    # the two seeds really trained differently
-    assert len({tuple(sorted(c.data.metrics.items())) for c in children}) == 2
+    # the two seeds really trained differently: their losses (not their timings) differ
+    assert len({c.data.metrics["train/loss"] for c in children}) == 2
 
 
 def test_seeds_need_distinct_integers(workdir: Path):
