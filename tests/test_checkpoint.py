@@ -164,3 +164,24 @@ def test_resume_after_ctrl_c_mid_epoch_is_bit_identical(tmp_path, model):
         ma = [(m.step, m.value) for m in client.get_metric_history(straight.run_id, key)]
         mb = [(m.step, m.value) for m in client.get_metric_history(interrupted.run_id, key)]
         assert ma and sorted(ma) == sorted(mb), key  # one set of metrics, the same values
+
+
+def test_a_cpu_run_keeps_only_its_own_generators_and_an_fp16_gpu_run_evaluates_on_a_cpu(tmp_path):
+    """A checkpoint's RNG state is this process's device's only (a CPU run: the CPU's, no CUDA started); a
+    run trained in fp16 on a GPU is evaluated in fp32 on a machine without one, to the same error."""
+    from typer.testing import CliRunner
+
+    from capsx.cli import app
+
+    recipe = recipe_from_dict(tiny_recipe(), "t")
+    result = fit(recipe, _run(tmp_path, "a", _NoTracking()))
+    last = Checkpoint.read(result.last_checkpoint)
+    assert last.rng is not None and set(last.rng) == {"torch"}
+    gpu = Checkpoint({**last.recipe, "train": {**last.recipe["train"], "precision": "fp16"}}, last.model,
+                     last.state, "gpu-run").write(tmp_path / "fp16.pt")
+    runner = CliRunner()
+    outputs = [runner.invoke(app, ["eval", str(p), "--no-log", "--runs-dir", str(tmp_path / "none")])
+               for p in (result.last_checkpoint, gpu)]
+    assert [o.exit_code for o in outputs] == [0, 0], outputs[1].output
+    error = f"{100 * result.state.history[-1]['test/error']:.2f}%"
+    assert all(error in o.output for o in outputs)

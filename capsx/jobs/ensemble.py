@@ -27,7 +27,7 @@ from capsx.paper import check_rows
 from capsx.recipe import Recipe
 from capsx.track.runs import find_run_dir, is_run_id
 from capsx.track.tracker import Tracker, child_run_ids, parent_run_id
-from capsx.train.device import autocast, eval_mode
+from capsx.train.device import autocast, eval_mode, eval_precision
 from capsx.train.losses import BinaryCrossEntropyConfig
 from capsx.train.metrics import EvalResult, predict
 
@@ -70,7 +70,7 @@ def evaluate_ensemble(members: Sequence[Member], batches: Batches, device: torch
         for images, labels, _ in batches.epoch(0):
             total: Tensor | None = None
             for k, m in enumerate(members):
-                with autocast(device, m.recipe.train.precision):
+                with autocast(device, eval_precision(m.recipe.train.precision, device)):
                     out = m.model(images)
                 member_preds[k].append(predict(out, labels))
                 probs = class_probabilities(out, m.recipe)

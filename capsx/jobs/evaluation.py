@@ -17,6 +17,7 @@ from capsx.jobs.context import Context
 from capsx.jobs.trained import open_run
 from capsx.paper import EVAL_SETS, CheckFailed, CheckRow, check_rows
 from capsx.recipe import Recipe
+from capsx.train.device import eval_precision
 from capsx.train.loop import evaluate
 from capsx.train.metrics import EvalResult
 
@@ -32,7 +33,8 @@ def run_evaluation(ref: str, ctx: Context, *, dataset: str = "test", check: bool
     if images is not None:
         test = test.subset(images)  # seeded: the same images every time
     batches = Batches(test.to(t.device), t.recipe.data.eval_batch_size)
-    result = evaluate(t.model, batches, t.recipe.loss_config, precision=t.recipe.train.precision, device=t.device,
+    precision = eval_precision(t.recipe.train.precision, t.device)  # an fp16 (GPU) run evaluated on a CPU: fp32
+    result = evaluate(t.model, batches, t.recipe.loss_config, precision=precision, device=t.device,
                       classes=t.classes)
     split = "test split" if dataset == "test" else dataset
     ctx.say(evaluation_table(f"{t.recipe.name}: {t.recipe.model.name} on {t.recipe.data.name} ({split})",

@@ -23,6 +23,7 @@ from capsx.jobs.context import Context
 from capsx.jobs.pictures import Gallery
 from capsx.jobs.trained import TrainedRun, open_run
 from capsx.pictures import curves
+from capsx.train.device import eval_precision
 from capsx.train.loop import evaluate
 
 MAX_POINTS = 1000
@@ -127,10 +128,11 @@ def _accuracies(t: TrainedRun, out: Gallery, spec: SweepSpec, images: int | None
     if images is not None:
         test = test.subset(images)
     accuracies = []
+    precision = eval_precision(t.recipe.train.precision, t.device)
     for i, value in enumerate(spec.values):
         moved = ImageSet(apply_transform(test.images, spec.name, value), test.labels)
         result = evaluate(t.model, Batches(moved.to(t.device), t.recipe.data.eval_batch_size), t.recipe.loss_config,
-                          precision=t.recipe.train.precision, device=t.device, classes=t.classes)
+                          precision=precision, device=t.device, classes=t.classes)
         accuracies.append(result.accuracy)
         out.tracker.log_metrics({f"sweep/{spec.name}/acc": result.accuracy, f"sweep/{spec.name}/value": value},
                                 step=i)

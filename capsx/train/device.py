@@ -73,6 +73,12 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def eval_precision(precision: str, device: torch.device) -> str:
+    """The precision to evaluate a run trained at `precision` with, on `device`: its own, except fp16
+    off CUDA (a GPU's fp16 run evaluated on a laptop), which is evaluated in fp32."""
+    return "fp32" if precision == "fp16" and device.type != "cuda" else precision
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module, inference: bool = True) -> Iterator[None]:
     """model.eval() and (unless `inference` is False: gradients still wanted, a saliency map's) inference

@@ -181,7 +181,7 @@ class Training:
         group = self.run.group
         ckpt = Checkpoint(self.recipe.to_dict(), self.model.state_dict(), self.state, self.run.tracker.run_id)
         if resumable:
-            rng = group.gather(_get_rng_state())
+            rng = group.gather(_get_rng_state(self.run.device))
             ckpt.optimizer, ckpt.scaler = self.step.optimizer.state_dict(), self.step.scaler.state_dict()
             ckpt.rng = rng[0]
             ckpt.rng_ranks = rng if group.active else None
@@ -225,7 +225,7 @@ def _build(recipe: Recipe, run: Run, resume: Checkpoint | None, splits: DataSpli
                               "data.train_examples": len(splits.train), "data.test_examples": len(splits.test),
                               **transfer.facts()})
     else:
-        state = _restore(resume, model, optimizer, scaler, group)
+        state = _restore(resume, model, optimizer, scaler, group, run.device)
     if group.is_main and cfg.precision == "bf16" and run.device.type == "cpu" and cpu_has_bf16_units() is False:
         run.reporter.warn(BF16_WITHOUT_UNITS)
     step_batch = min(per_process_batch(data_cfg.batch_size, group.world), len(splits.train))
@@ -255,7 +255,7 @@ def _build(recipe: Recipe, run: Run, resume: Checkpoint | None, splits: DataSpli
 
 
 def _restore(resume: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler, group: Group) -> TrainState:
+             scaler: torch.amp.GradScaler, group: Group, device: torch.device) -> TrainState:
     """Weights, optimizer, scaler and this process's RNG from a resumable checkpoint; its loop state."""
     if not resume.resumable:
         raise CapsxError(f"{resume.path}: holds weights only; --resume needs a run's last.pt")
@@ -264,7 +264,7 @@ def _restore(resume: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimi
     optimizer.load_state_dict(resume.optimizer)
     scaler.load_state_dict(resume.scaler)
     per_rank = resume.rng_ranks
-    _set_rng_state(per_rank[group.rank] if per_rank and len(per_rank) == group.world else resume.rng)
+    _set_rng_state(per_rank[group.rank] if per_rank and len(per_rank) == group.world else resume.rng, device)
     return copy.deepcopy(resume.state)
 
 
@@ -350,17 +350,29 @@ def model_diagnostics(model: nn.Module, images: torch.Tensor) -> dict[str, float
         return dict(diagnose(unit_float(images)))
 
 
-def _get_rng_state() -> dict[str, Any]:
+def _get_rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generators: the CPU's, and its own device's (one GPU's, not every GPU of the
+    machine: a run resumed on fewer GPUs restores what each process drew from; a CPU run starts no CUDA)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if device.type == "cuda" and cuda is not None:
+        if isinstance(cuda, list):  # written by an older capsx: every GPU's state; this device's is its own
+            index = device.index or 0
+            if index >= len(cuda):
+                return
+            cuda = cuda[index]
+        torch.cuda.set_rng_state(cuda, device)
+    elif device.type == "mps" and state.get("mps") is not None:
+        torch.mps.set_rng_state(state["mps"])
 
 
 def load_model(ckpt: Checkpoint, device: torch.device) -> tuple[Recipe, nn.Module]:
