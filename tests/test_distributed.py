@@ -117,3 +117,18 @@ def test_two_processes_match_one_and_resume_exactly_after_ctrl_c(workdir):
     cut = _last_weights(workdir / "cut/tiny/*")
     for k in two:
         assert torch.equal(cut[k], two[k]), k
+
+
+def test_two_processes_train_a_capsnet_whose_decoder_no_loss_trains(workdir):
+    """`loss.recon_weight: 0` with the decoder kept (the paper's Table 1 "no reconstruction" cell): its
+    parameters get no gradient, which data-parallel training must not wait for."""
+    recipe = workdir / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(
+        data={"name": "shapes", "train_size": 128, "test_size": 32, "batch_size": 16},
+        loss={"name": "margin", "recon_weight": 0.0}, tracking={"pictures_every": 0})))
+    res = subprocess.run([CAPSX, "train", str(recipe), "--nproc", "2", "--no-track"], cwd=workdir, text=True,
+                         capture_output=True, timeout=300)
+    assert res.returncode == 0 and "Traceback" not in res.stdout + res.stderr, res.stdout + res.stderr
+    last = torch.load(next(workdir.glob("runs/tiny/*/checkpoints/last.pt")), weights_only=True)
+    assert last["state"]["epoch"] == 1  # the epoch ran to its end
+    assert any(k.startswith("decoder.") for k in last["model"])  # the decoder kept, for the pictures

@@ -217,6 +217,13 @@ def _build(recipe: Recipe, run: Run, resume: Checkpoint | None, splits: DataSpli
     transfer = prepare_transfer(model, recipe.model, data_cfg.input_shape, len(data_cfg.classes),
                                 load=resume is None)
     model.to(run.device)  # parameters keep their identity, so the groups still hold them
+    loss = recipe.loss_config
+    decoder = getattr(model, "decoder", None)
+    if isinstance(decoder, nn.Module) and getattr(loss, "recon_weight", None) == 0:
+        # a decoder no loss trains (Table 1's "no reconstruction" cell with the decoder kept for the
+        # pictures) gets no gradient: marked so, or data-parallel training waits for it ("Expected to
+        # have finished reduction") and the optimizer carries it for nothing
+        decoder.requires_grad_(False)
     optimizer = build_optimizer(transfer.param_groups, recipe.optimizer)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
     state = TrainState()
