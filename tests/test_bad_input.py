@@ -2,6 +2,9 @@
 (usage, recipe, data) or 1 (a runtime failure), one red `error:` line naming what is wrong
 and what was expected, and no traceback."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,3 +250,29 @@ def test_bad_input(prepared: Path, tmp_path, monkeypatch, name, text, args, code
     assert len(lines) == 1 and lines[0].startswith("error: "), out
     for w in words:
         assert w in lines[0], (w, lines[0])
+
+
+def test_running_out_of_memory_in_training_is_one_line_with_what_to_try(tmp_path):
+    """A real failed allocation: the CPU allocator under an address-space cap 1 GiB above what the
+    process holds once imported (in a child process), at a batch the memory pre-flight lets through."""
+    recipe = tmp_path / "oom.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "oom", "device": "cpu", "tracking": {"pictures_every": 0}, "train": {"epochs": 1},
+        "model": {"name": "capsnet", "conv1_channels": 256, "primary_types": 8, "class_dim": 8,
+                  "decoder_hidden": [16, 32]},
+        "data": {"name": "shapes", "train_size": 1024, "test_size": 16, "batch_size": 1024}}))
+    child = (
+        "import resource, sys\n"
+        "from capsx.cli import app\n"
+        "import capsx.jobs.training, capsx.train.loop, capsx.models.capsnet  # imported before the cap\n"
+        "vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))\n"
+        "app(['train', sys.argv[1], '--no-track', '--runs-dir', sys.argv[2]], prog_name='capsx')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child, str(recipe), str(tmp_path / "runs")], capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "COLUMNS": "400"})
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out
+    (line,) = [line for line in out.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: out of memory on cpu") and "data.batch_size=1024" in line, line
+    assert "no checkpoint was written yet; try a smaller data.batch_size (e.g. 512)" in line, line

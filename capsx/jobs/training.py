@@ -81,6 +81,14 @@ def _train(recipe: Recipe, ctx: Context, group: Group, device: torch.device, rec
     except Interrupted as stop:
         reporter.close()
         return _interrupted(stop, tracker, run_dir, group, say)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        reporter.close()
+        if not is_out_of_memory(e):
+            _end(tracker, run_dir, "FAILED", say)
+            raise
+        error = out_of_memory_error(recipe, device, run_dir)
+        _end(tracker, run_dir, "FAILED", say, note=str(error))
+        raise error from None
     except BaseException as e:
         reporter.close()
         _end(tracker, run_dir, "FAILED", say, note=str(e) if isinstance(e, RunError) else None)
@@ -138,6 +146,23 @@ def _open_tracking(recipe: Recipe, ctx: Context, group: Group, device: torch.dev
         tracker.log_params({"distributed.processes": group.world})
         tracker.set_tags({"distributed.batch_per_process": str(recipe.data.batch_size // group.world)})
     return tracker, run_dir
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's and MPS's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError)."""
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+def out_of_memory_error(recipe: Recipe, device: torch.device, run_dir: Path) -> RunError:
+    """One line: where memory ran out, at which batch, what is kept, and what to try."""
+    last = run_dir / "checkpoints" / "last.pt"
+    kept = f"the last checkpoint is {last} (--resume continues from it)" if last.is_file() else \
+        "no checkpoint was written yet"
+    cheaper = "train.precision=bf16 or fp16" if device.type == "cuda" else "train.precision=bf16"
+    return RunError(f"out of memory on {describe_device(device)} at data.batch_size={recipe.data.batch_size}; "
+                    f"{kept}; try a smaller data.batch_size (e.g. {max(1, recipe.data.batch_size // 2)}) or "
+                    f"{cheaper}")
 
 
 def _interrupted(stop: Interrupted, tracker: Tracker | NullTracker, run_dir: Path, group: Group,
