@@ -179,7 +179,8 @@ class Training:
         """last.pt holds all a resume needs; best.pt only the weights (for eval, pictures, MLflow).
         Every process calls it (the RNG states are gathered); rank 0 writes."""
         group = self.run.group
-        ckpt = Checkpoint(self.recipe.to_dict(), self.model.state_dict(), self.state, self.run.tracker.run_id)
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}  # a plain torch.load anywhere
+        ckpt = Checkpoint(self.recipe.to_dict(), weights, self.state, self.run.tracker.run_id)
         if resumable:
             rng = group.gather(_get_rng_state(self.run.device))
             ckpt.optimizer, ckpt.scaler = self.step.optimizer.state_dict(), self.step.scaler.state_dict()
