@@ -49,7 +49,7 @@ def test_perturbation_changes_only_the_chosen_dimension():
 @pytest.mark.parametrize("call,msg", [
     (lambda m: capsules.perturb_capsule(m, torch.zeros(8), 0, [8], torch.zeros(3)), "out of range"),
     (lambda m: capsules.perturbation_values(0.2, -0.2, 5), "START < STOP"),
-    (lambda m: capsules.perturbation_values(-0.2, 0.2, 1), "at least 2"),
+    (lambda m: capsules.perturbation_values(-0.2, 0.2, 1), "expected 2 to 101 columns"),
 ])
 def test_perturbation_errors(call, msg):
     with pytest.raises(CapsxError, match=msg):
