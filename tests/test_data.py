@@ -109,6 +109,7 @@ def test_mnist_truncated_file_is_a_data_error(tmp_path):
         MNISTConfig().load_splits(root)
 
 
+@pytest.mark.mnist
 def test_real_mnist_counts():
     root = real_mnist_root()
     if root is None:
@@ -119,6 +120,7 @@ def test_real_mnist_counts():
     assert torch.bincount(splits.test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
+@pytest.mark.mnist
 def test_small_cnn_learns_real_mnist(tmp_path):
     root = real_mnist_root()
     if root is None:

@@ -1,6 +1,7 @@
 """The loop's policies: early stopping, mixed precision, schedules, data wait accounting."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -133,6 +134,8 @@ def test_memory_preflight_stops_a_batch_that_cannot_fit(tmp_path):
 
 # Not in the `numerics` rerun: under ATEN_CPU_CAPABILITY=default, torch 2.14.1's inductor still emits
 # vectorised C++ (at::vec) without its headers and fails to compile; a torch limitation, not capsx's.
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile's CPU backend needs a C++ compiler, and there is none on PATH")
 def test_train_compile_trains_the_same_model_as_eager(tmp_path):
     cnn = {"name": "convnet_small", "channels": [4], "hidden": [8], "dropout": 0.0}
     small = {"name": "shapes", "train_size": 32, "test_size": 16, "batch_size": 16}
