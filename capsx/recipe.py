@@ -25,6 +25,7 @@ from capsx.schema import Section, flatten
 from capsx.train.losses import BinaryCrossEntropyConfig, CrossEntropyConfig, LossConfig, MarginLossConfig
 from capsx.train.optim import OptimizerConfig, ScheduleConfig
 
+LOSSES = {c.model_fields["name"].default: c for c in (MarginLossConfig, CrossEntropyConfig, BinaryCrossEntropyConfig)}
 MAX_YAML_VALUES = 100_000  # a recipe holds a few hundred; aliases must not expand it past this
 
 
@@ -129,6 +130,12 @@ class TrackingConfig(Section):
     system_metrics: bool = True  # MLflow's CPU, memory (and GPU, with pynvml) metrics on training runs
 
 
+def _default_loss_name(outputs_capsules: bool, objects: int) -> str:
+    """The loss a model gets without a `loss:` section: margin for capsule models, else cross-entropy
+    (binary cross-entropy per class for images of several objects)."""
+    return "margin" if outputs_capsules else "cross_entropy" if objects == 1 else "binary_cross_entropy"
+
+
 class Recipe(Section):
     name: str = Field(min_length=1)
     description: str = ""
@@ -156,19 +163,14 @@ class Recipe(Section):
         if not isinstance(model_name, str) or not isinstance(data_name, str) or model_name not in MODELS \
                 or data_name not in DATASETS:
             return raw  # the model's or data's own error says what is wrong
-        name = "margin" if MODELS.get(model_name).outputs_capsules else \
-            "cross_entropy" if DATASETS.get(data_name).objects == 1 else "binary_cross_entropy"
+        name = _default_loss_name(MODELS.get(model_name).outputs_capsules, DATASETS.get(data_name).objects)
         return {**raw, "loss": {"name": name, **raw["loss"]}}
 
     @model_validator(mode="after")
     def _default_loss(self) -> Recipe:
         if self.loss is None:
-            loss: MarginLossConfig | CrossEntropyConfig | BinaryCrossEntropyConfig
-            if self.model.outputs_capsules:
-                loss = MarginLossConfig()
-            else:
-                loss = CrossEntropyConfig() if self.data.objects == 1 else BinaryCrossEntropyConfig()
-            object.__setattr__(self, "loss", loss)
+            name = _default_loss_name(self.model.outputs_capsules, self.data.objects)
+            object.__setattr__(self, "loss", LOSSES[name]())
         return self
 
     @property
@@ -319,10 +321,8 @@ def describe_error(err: ValidationError) -> str:
         registries: dict[str, Registry[Any]] = {"model": MODELS, "data": DATASETS}
         registry = registries.get(section)
         tags = e.get("ctx", {}).get("expected_tags", "")
-        losses = [c.model_fields["name"].default for c in (MarginLossConfig, CrossEntropyConfig,
-                                                           BinaryCrossEntropyConfig)]
         valid = ", ".join(registry.names()) if registry else tags.replace("'", "") or (
-            ", ".join(losses) if section == "loss" else "see the recipes/ folder")
+            ", ".join(LOSSES) if section == "loss" else "see the recipes/ folder")
         if kind == "union_tag_not_found":
             return f"{where}.name: required key is missing; expected one of: {valid}"
         tag = value.get("name") if isinstance(value, dict) else value
