@@ -349,10 +349,11 @@ def test_a_cnn_training_logs_filters_activations_and_saliency(workdir):
 
 
 def test_perturbation_columns_never_read_minus_zero():
-    from capsx.jobs.perturb import _digits
+    def columns(values: torch.Tensor) -> list[str]:  # as run_perturb labels them
+        return [canvas.number(v, "+.2f") for v in values.tolist()]
 
-    assert _digits(torch.linspace(-0.25, 0.25, 11))[5] == "+0.00"
-    assert _digits(torch.tensor([-0.004, -1e-8, -0.0, 0.006])) == ["+0.00", "+0.00", "+0.00", "+0.01"]
+    assert columns(torch.linspace(-0.25, 0.25, 11))[5] == "+0.00"
+    assert columns(torch.tensor([-0.004, -1e-8, -0.0, 0.006])) == ["+0.00", "+0.00", "+0.00", "+0.01"]
 
 
 def test_pictures_of_an_untracked_run_say_where_they_go(workdir):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from capsx.errors import CapsxError
 from capsx.jobs.pictures import Gallery, choose_inputs
@@ -44,7 +43,7 @@ def run_perturb(t: TrainedRun, out: Gallery, *, dims: list[int] | None, value_ra
                    for k, v, name, c in zip(found.prediction, found.capsules, names, keyed, strict=True)]
         stem, key_kind = "sample", ""
     cols = len(deltas)
-    col_labels = _digits(deltas)
+    col_labels = [canvas.number(v, "+.2f") for v in deltas.tolist()]  # -0.25 .. +0.00 .. +0.25
     if len(dims) == 1:  # one grid: a row per source
         rows = [capsules.perturb_capsule(model, v, k, dims, deltas)[0] for k, v, _, _ in sources]
         tiles = canvas.to_uint8(torch.cat(rows))
@@ -66,7 +65,3 @@ def run_perturb(t: TrainedRun, out: Gallery, *, dims: list[int] | None, value_ra
                         key=f"perturb/class{c}{key_kind}" + (f"_{i}" if i else ""))
     out.report()
 
-
-def _digits(values: Tensor) -> list[str]:
-    """Column labels to 2 decimals; a value that rounds to zero reads +0.00, never -0.00."""
-    return [f"{round(v, 2) + 0.0:+.2f}" for v in values.tolist()]

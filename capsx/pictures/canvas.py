@@ -298,10 +298,12 @@ def label_grid(image: np.ndarray, rows: int, cols: int, row_labels: Sequence[str
 
 
 def number(value: float, spec: str = ".3g") -> str:
-    """`value` formatted by `spec`; one that rounds to zero reads 0, never -0."""
+    """`value` formatted by `spec`; one that rounds to zero reads 0 (or +0 with a "+" spec), never -0."""
     text = format(value, spec)
     mantissa = text.split("e")[0]
-    return text[1:] if text.startswith("-") and not any(d in mantissa for d in "123456789") else text
+    if text.startswith("-") and not any(d in mantissa for d in "123456789"):
+        return ("+" if spec.startswith("+") else "") + text[1:]
+    return text
 
 
 def _ends(low: float, high: float, spec: str) -> tuple[str, str]:
