@@ -2,10 +2,10 @@
 at step = the epoch, under the keys the picture commands use, for the same test inputs every epoch (so
 the MLflow UI's slider shows the model changing, not the input), and once at step 0, before the first
 epoch: the untrained model, which is also what MLflow's image cards open on (they show step 0 until the
-slider is moved). They are the picture commands' own
-drawings, made from the model in memory: the first conv layer's filters and activations (a CapsNet's
-primary-capsule lengths too); for a CapsNet with a decoder the reconstructions with the epoch's mistakes
-(Fig. 3, or Fig. 5 for two digits), one Fig. 4 grid and the routing couplings; for a CNN a saliency map."""
+slider is moved). They are the picture commands' own drawings, made from the model in memory: the first
+conv layer's filters and activations (a CapsNet's primary-capsule lengths too); for a CapsNet with a
+decoder the reconstructions with the epoch's mistakes (Fig. 3, or Fig. 5 for two digits), one Fig. 4
+grid and the routing couplings; for a CNN a saliency map."""
 
 from __future__ import annotations
 

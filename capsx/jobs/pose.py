@@ -92,8 +92,9 @@ def readout(features: Tensor, labels: Tensor, quantities: list[PoseQuantity], cl
         row: list[float] = []
         for j, q in enumerate(quantities):
             sel = in_class & q.valid
-            row.append(held_out_r2(rows[sel], q.values[sel]) if int(sel.sum()) else float("nan"))
-            if int(sel.sum()) > 2:
+            count = int(sel.sum())
+            row.append(held_out_r2(rows[sel], q.values[sel]) if count else float("nan"))
+            if count > 2:
                 dim_r[:, j] += correlations(rows[sel], q.values[sel]).abs().amax(dim=1)
                 counted[j] += 1
         r2.append(row)
@@ -107,10 +108,10 @@ def readout(features: Tensor, labels: Tensor, quantities: list[PoseQuantity], cl
 def features_of(t: TrainedRun, images: Tensor) -> tuple[Tensor, str]:
     """A CapsNet's class capsules (N, K, D), or a CNN's output layer's inputs (N, W), on the CPU."""
     model = t.model
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     taken: list[Tensor] = []
     hook = None
     if not isinstance(model, CapsNet):  # a CNN: the features its classifier reads
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not last:
             raise CapsxError(f"{t.label}: --pose needs a CapsNet or a CNN with a linear output layer")
         hook = last[-1].register_forward_hook(lambda _m, inputs, _out: taken.append(inputs[0].float().cpu()))

@@ -81,16 +81,12 @@ def _train(recipe: Recipe, ctx: Context, group: Group, device: torch.device, rec
     except Interrupted as stop:
         reporter.close()
         return _interrupted(stop, tracker, run_dir, group, say)
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        reporter.close()
-        if not is_out_of_memory(e):
-            _end(tracker, run_dir, "FAILED", say)
-            raise
-        error = out_of_memory_error(recipe, device, run_dir)
-        _end(tracker, run_dir, "FAILED", say, note=str(error))
-        raise error from None
     except BaseException as e:
         reporter.close()
+        if is_out_of_memory(e):  # one line saying what to try, not torch's traceback
+            error = out_of_memory_error(recipe, device, run_dir)
+            _end(tracker, run_dir, "FAILED", say, note=str(error))
+            raise error from None
         _end(tracker, run_dir, "FAILED", say, note=str(e) if isinstance(e, RunError) else None)
         raise
     if result.best_checkpoint is not None:
@@ -150,8 +146,8 @@ def _open_tracking(recipe: Recipe, ctx: Context, group: Group, device: torch.dev
 
 def is_out_of_memory(e: BaseException) -> bool:
     """CUDA's and MPS's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError)."""
-    text = str(e)
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
 
 
 def out_of_memory_error(recipe: Recipe, device: torch.device, run_dir: Path) -> RunError:

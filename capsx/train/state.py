@@ -80,12 +80,12 @@ class TrainState:
         """Close the epoch in progress: its metrics into the history, its first mistakes, the best test
         error and the epochs since it (early stopping). True if the error improved, or stayed and the test
         loss fell (a model at 0 errors keeps improving: its reconstructions and poses sharpen)."""
-        epoch, error, loss = self.epoch + 1, final.error, metrics.get("test/loss")
+        epoch, error, loss = self.epoch + 1, final.error, final.loss
         self.history.append({"epoch": epoch, **metrics})
         if final.mistakes is not None:
             self.test_mistakes = final.mistakes[:MISTAKES_KEPT].tolist()
         improved = self.best_error is None or error < self.best_error or (
-            error == self.best_error and loss is not None and (self.best_loss is None or loss < self.best_loss))
+            error == self.best_error and (self.best_loss is None or loss < self.best_loss))
         if improved:
             self.best_error, self.best_epoch, self.best_loss, self.bad_epochs = error, epoch, loss, 0
         else:
