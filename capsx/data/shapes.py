@@ -105,7 +105,9 @@ class ShapesConfig(DataConfig):
     train_size: int = Field(6000, ge=1)
     test_size: int = Field(1000, ge=1)
     seed: int = 0
-    min_scale: float = Field(0.55, gt=0, le=1)
+    # at 0.55 a shape spans ~10 pixels and its angle moves too few of them to be read from the capsule
+    # (rotation R² 0.78 after `make train`); from 0.7 it is 0.94 (both measured, see the README)
+    min_scale: float = Field(0.7, gt=0, le=1)
     max_scale: float = Field(1.0, gt=0, le=1)
 
     image_shape: ClassVar[tuple[int, int, int]] = (1, SIZE, SIZE)
