@@ -59,8 +59,11 @@ def check_rows(numbers: list[PaperNumber], dataset: str, error: float, models: i
     """Compare an evaluation's error (a fraction) on `dataset`, of one model or an ensemble of
     `models`, with the recipe's paper numbers for it."""
     on_set = [n for n in numbers if n.dataset == dataset]
+    if not numbers:
+        raise CapsxError("--check: the run's recipe has no `paper:` section, so there is no number to check "
+                         "against; add one (see recipes/mnist-capsnet.yaml)")
     if not on_set:
-        have = ", ".join(sorted({n.dataset for n in numbers})) or "none"
+        have = ", ".join(sorted({n.dataset for n in numbers}))
         raise CapsxError(f"--check: the run's recipe has no paper number for {dataset!r} (it has: {have}); "
                          "add one to its `paper:` section")
     chosen = [n for n in on_set if n.models == models]

@@ -178,7 +178,7 @@ CASES = [
     ("affnist-missing", None, ["eval", "{tmp}/ckpt/caps40.pt", "--dataset", "affnist", "--data-root",
                                "{tmp}/empty", "--no-log"], 2, ["affNIST not found", "affNIST/test.mat"]),
     ("check-no-paper-number", None, ["eval", "{tmp}/ckpt/caps.pt", "--check", "--no-log"], 2,
-     ["no paper number for 'test'", "paper:"]),
+     ["has no `paper:` section", "recipes/mnist-capsnet.yaml"]),
     ("mnist-leak", _recipe(data={"name": "mnist"}), ["train", "{r}", "--data-root", "{tmp}/leak"], 2,
      ["MNIST in", "1 of 64 test image(s) also appear in the train split"]),
 ]

@@ -12,6 +12,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from capsx.cli import app
+from capsx.errors import CapsxError
+from capsx.paper import PaperNumber, check_rows
 from tests.conftest import TINY_CAPSNET, tiny_recipe, write_mnist
 from tests.test_affnist import ell_images, write_affnist
 
@@ -112,9 +114,12 @@ def test_paper_check_passes_inside_the_band_and_exits_1_outside(trained):
     client = MlflowClient(tracking_uri=uri)
     checks = client.get_metric_history(ids["caps40"], "eval/affine-mnist/paper_check/accuracy")
     assert checks and checks[-1].value == 0.0
-    # a run whose recipe has no paper number says so, before evaluating
+    # a run whose recipe has no paper section, or none for the data set asked, says so before evaluating
     res = invoke("eval", ids["cnn40"], "--check", *common)
-    assert res.exit_code == 2 and "no paper number for 'test'" in res.output
+    assert res.exit_code == 2 and "has no `paper:` section" in res.output, res.output
+    with pytest.raises(CapsxError, match=r"no paper number for 'affnist' \(it has: affine-mnist, test\)"):
+        check_rows([PaperNumber(metric="error", value=1, band=[0, 2], source="s", dataset=d)
+                    for d in ("test", "affine-mnist")], "affnist", 0.01)
 
 
 def test_train_with_seeds_nests_a_run_per_seed_and_logs_mean_and_std(workdir):

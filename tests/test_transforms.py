@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from capsx.data import Batches
+from capsx.data import Batches, ImageSet
 from capsx.data.mnist import MNISTConfig
 from capsx.data.transforms import affine_matrices, centre_on_canvas, ink_box, translate, warp
-from capsx.jobs.sweep import apply_transform, parse_sweep
+from capsx.jobs.sweep import apply_transform, parse_sweep, transformed
 from tests.conftest import write_mnist
 from tests.test_data import _shift_reference
 
@@ -38,6 +38,20 @@ def test_rotating_by_90_degrees_is_rot90_counter_clockwise():
     assert torch.allclose(turned, torch.rot90(images, 1, dims=(2, 3)), atol=1e-5)
     # the sweep's rotate is the same map
     assert torch.allclose(apply_transform(images, "rotate", 90), turned)
+
+
+def test_a_sweep_turns_each_object_alone_with_its_two_object_image():
+    """MultiMNIST's decoder targets (one digit each) must move with the image, or the reconstruction
+    term compares a turned pair with unturned digits (and the shapes do not even match)."""
+    g = torch.Generator().manual_seed(1)
+    sources = torch.randint(0, 256, (4, 2, 1, 12, 12), dtype=torch.uint8, generator=g)
+    pairs = ImageSet(sources.max(dim=1).values, torch.randint(0, 10, (4, 2), generator=g), {"sources": sources})
+    turned = transformed(pairs, "rotate", 90.0)
+    assert torch.equal(turned.images, torch.rot90(pairs.images, 1, dims=(2, 3)))
+    assert torch.equal(turned.extras["sources"], torch.rot90(sources, 1, dims=(3, 4)))
+    assert torch.equal(turned.labels, pairs.labels)
+    images, _, targets = next(iter(Batches(turned, 4).epoch(0)))
+    assert targets.shape == (4, 2, 1, 12, 12)
 
 
 def test_scale_two_about_the_centre_doubles_the_ink_box():

@@ -99,6 +99,16 @@ def apply_transform(images: Tensor, name: str, value: float) -> Tensor:
     return warp(images, affine_matrices(*params))
 
 
+def transformed(test: ImageSet, name: str, value: float) -> ImageSet:
+    """The split under one transform. Each object alone (a two-object image's decoder targets)
+    moves with its image, so the reconstruction term still compares like with like."""
+    extras = {}
+    sources = test.extras.get("sources")
+    if sources is not None:
+        extras["sources"] = apply_transform(sources.flatten(0, 1), name, value).view_as(sources)
+    return ImageSet(apply_transform(test.images, name, value), test.labels, extras)
+
+
 def run_sweep(refs: list[str], spec: SweepSpec, ctx: Context, *, images: int | None) -> dict[str, Sequence[float]]:
     """Accuracy of each run over the sweep's values, on its own test split; a Rich table, an MLflow
     metric series per run (`sweep/<name>/acc` and `sweep/<name>/value`, step = the value's index)
@@ -130,7 +140,7 @@ def _accuracies(t: TrainedRun, out: Gallery, spec: SweepSpec, images: int | None
     accuracies = []
     precision = eval_precision(t.recipe.train.precision, t.device)
     for i, value in enumerate(spec.values):
-        moved = ImageSet(apply_transform(test.images, spec.name, value), test.labels)
+        moved = transformed(test, spec.name, value)
         result = evaluate(t.model, Batches(moved.to(t.device), t.recipe.data.eval_batch_size), t.recipe.loss_config,
                           precision=precision, device=t.device, classes=t.classes)
         accuracies.append(result.accuracy)
