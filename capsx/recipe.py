@@ -120,6 +120,8 @@ class TrainConfig(Section):
     log_every: int = Field(50, ge=1)  # steps between train/step_loss points
     max_steps_per_epoch: int | None = Field(None, ge=1)  # cap an epoch's length (smoke runs)
     compile: bool = False  # torch.compile the training step's model (see README: measured, not a default)
+    deterministic: bool = False  # deterministic kernels: a CUDA run repeats exactly, slower (the CPU's always do)
+    tf32: bool = True  # CUDA: fp32 matrix products and convolutions in TF32 (Ampere and later)
 
 
 class TrackingConfig(Section):

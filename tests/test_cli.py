@@ -51,6 +51,8 @@ def test_train_then_eval_into_a_real_mlflow_store(workdir, tiny_mnist):
     assert int(tags["model.num_params"]) > 0 and tags["mlflow.note.content"] == "tiny test recipe"
     assert run.data.tags["capsx.model"] == "capsnet" and run.data.tags["capsx.data"] == "mnist"
     assert "capsx.device" in run.data.tags and "capsx.torch" in run.data.tags
+    assert {k: v for k, v in tags.items() if k.startswith("kernels.")} == {  # on the CPU: no CUDA switch
+        "kernels.deterministic": "false", "kernels.cudnn_benchmark": "false", "kernels.tf32": "false"}
     for key in ("train/loss", "train/margin_loss", "train/recon_loss", "train/acc", "test/error", "lr",
                 "time/epoch_s", "time/images_per_s", "time/data_wait_frac", "routing/delta_b_iter1",
                 "routing/delta_b_iter3"):

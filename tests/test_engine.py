@@ -1,16 +1,19 @@
 """The loop's policies: early stopping, mixed precision, schedules, data wait accounting."""
 
 import math
+import os
 import shutil
 
 import pytest
 import torch
 
 from capsx.errors import CapsxError
+from capsx.models.output import ModelOutput
 from capsx.recipe import recipe_from_dict
 from capsx.track.tracker import NullTracker
-from capsx.train.device import resolve_device
+from capsx.train.device import kernel_choices, resolve_device
 from capsx.train.loop import QuietReporter, Run, fit
+from capsx.train.losses import CrossEntropyConfig
 from capsx.train.optim import ScheduleConfig, lr_factor
 from tests.conftest import tiny_recipe
 
@@ -130,6 +133,33 @@ def test_memory_preflight_stops_a_batch_that_cannot_fit(tmp_path):
     with pytest.raises(CapsxError, match=r"data.batch_size \d+: a training step needs about .* free; "
                                          r"the largest batch that fits is about \d+"):
         check_memory(engine_model, MarginLossConfig(), (1, 28, 28), "adam", torch.device("cpu"), too_big)
+
+
+class _AutocastSpy(torch.nn.Module):
+    """Records, per forward, whether autocast was on and at which dtype (what the probe ran in)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+        self.seen: list[torch.dtype | None] = []
+
+    def forward(self, x, y=None):
+        on = torch.is_autocast_enabled("cpu")
+        self.seen.append(torch.get_autocast_dtype("cpu") if on else None)
+        return ModelOutput(self.lin(x.flatten(1)))
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_the_memory_probe_runs_in_the_trainings_precision_and_adds_what_it_cannot_see(precision, dtype):
+    from capsx.train import memory
+
+    spy, criterion, shape = _AutocastSpy(), CrossEntropyConfig(), (1, 2, 2)
+    got = memory.probe(spy, criterion, shape, "adam", torch.device("cpu"), precision=precision)
+    assert spy.seen == [dtype, dtype]  # both probe steps
+    if got.memory is None:
+        pytest.skip("this platform's memory cannot be read (/proc)")
+    plus = memory.probe(spy, criterion, shape, "adam", torch.device("cpu"), precision=precision, beside=10**9)
+    assert plus.memory.fixed - got.memory.fixed > 0.9 * 10**9  # the buckets are counted (the rest is noise)
 
 
 # Not in the `numerics` rerun: under ATEN_CPU_CAPABILITY=default, torch 2.14.1's inductor still emits
@@ -264,3 +294,28 @@ def test_the_best_epoch_is_the_lowest_error_and_of_equal_errors_the_lowest_test_
     assert [close(1, 0.5), close(0, 0.4), close(0, 0.3), close(0, 0.35), close(1, 0.1)] == \
         [True, True, True, False, False]
     assert (state.best_epoch, state.best_error, state.best_loss, state.bad_epochs) == (3, 0.0, 0.3, 2)
+
+
+@pytest.mark.parametrize("deterministic, tf32", [(False, True), (True, False)])
+def test_kernel_choices_set_cudas_switches_for_the_training_and_put_them_back(monkeypatch, deterministic, tf32):
+    """The CUDA branch only flips torch's backend switches, so it runs (and is checked) without a GPU."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with kernel_choices(torch.device("cuda"), deterministic=deterministic, tf32=tf32) as tags:
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert torch.backends.cudnn.benchmark is (not deterministic)
+        assert torch.backends.cudnn.deterministic is deterministic
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+        assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8") is deterministic
+    assert tags == {"kernels.deterministic": str(deterministic).lower(),
+                    "kernels.cudnn_benchmark": str(not deterministic).lower(), "kernels.tf32": str(tf32).lower()}
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_on_the_cpu_kernel_choices_record_no_cuda_switch():
+    with kernel_choices(torch.device("cpu"), deterministic=True, tf32=True) as tags:
+        assert torch.are_deterministic_algorithms_enabled()
+    assert tags == {"kernels.deterministic": "true", "kernels.cudnn_benchmark": "false", "kernels.tf32": "false"}
+    assert not torch.are_deterministic_algorithms_enabled()

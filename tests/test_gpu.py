@@ -146,3 +146,17 @@ def test_train_then_resume_on_cuda_into_a_real_mlflow_store(workdir):
     (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])  # one run, continued
     assert run.info.status == "FINISHED" and run.data.tags["capsx.device"].startswith("cuda")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/error")] == [1, 2]
+
+
+def test_shift_and_crop_offsets_are_the_cpus_on_cuda():
+    """The same seed gives the same training data on either device (offsets are drawn on the CPU)."""
+    from capsx.data import Batches, ImageSet
+
+    g = torch.Generator().manual_seed(3)
+    data = ImageSet(torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 10, (40,), generator=g))
+
+    def batches(d: ImageSet) -> list[torch.Tensor]:
+        return [b.images.cpu() for b in Batches(d, 16, shuffle=True, seed=5, shift=2, crop=10).epoch(1)]
+    on_cpu, on_cuda = batches(data), batches(data.to(CUDA))
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu, on_cuda, strict=True))

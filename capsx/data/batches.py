@@ -96,15 +96,17 @@ class Batches:
             if len(idx) == 0:
                 continue  # the other processes evaluate the last few examples
             images, labels, sources = self.data.take(idx)
-            # random offsets are drawn for the whole global batch; this process uses its share of them
+            # random offsets are drawn for the whole global batch; this process uses its share of them.
+            # They are drawn on the CPU (a few hundred integers) so that a seed gives the same data on
+            # every device: a CUDA generator draws other numbers than the CPU's from the same seed.
             if self.shift > 0:
                 assert sources is None, "shifting the input would leave its objects' images behind"
-                g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, step, 1))
+                g = torch.Generator().manual_seed(_seed(self.seed, epoch, step, 1))
                 span = 2 * self.shift
                 images = shift_by(images, window_offsets(len(everyone), span, span, g)[:, share], self.shift)
             if self.crop is not None:
                 assert sources is None, "cropping the input would leave its objects' images behind"
-                g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, epoch, step, 2))
+                g = torch.Generator().manual_seed(_seed(self.seed, epoch, step, 2))
                 H, W = images.shape[-2:]
                 offsets = window_offsets(len(everyone), H - self.crop, W - self.crop, g)[:, share]
                 images = take_windows(images, offsets, self.crop, self.crop)

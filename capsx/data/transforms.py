@@ -123,4 +123,4 @@ def ink_box(images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator)
+    return low + (high - low) * torch.rand(n, generator=generator, device=generator.device)

@@ -28,7 +28,7 @@ from capsx.track.runs import RunInfo, ensure_writable, make_run_dir, read_run_in
 from capsx.track.tracker import NOTE, NullTracker, Tracker
 from capsx.train import distributed
 from capsx.train.checkpoint import Checkpoint
-from capsx.train.device import autocast, describe_device, resolve_device
+from capsx.train.device import autocast, describe_device, kernel_choices, resolve_device
 from capsx.train.distributed import Group
 from capsx.train.loop import FitResult, Interrupted, QuietReporter, Run, fit
 
@@ -77,7 +77,9 @@ def _train(recipe: Recipe, ctx: Context, group: Group, device: torch.device, rec
     try:
         run = Run(device=device, data_root=root, run_dir=run_dir, tracker=tracker, reporter=reporter, group=group)
         run.after_epoch = epoch_pictures(recipe, run, tracker, splits.test, tracker.uri)
-        result = fit(recipe, run, resume=resume, splits=splits)
+        with kernel_choices(device, deterministic=recipe.train.deterministic, tf32=recipe.train.tf32) as kernels:
+            tracker.set_tags(kernels)
+            result = fit(recipe, run, resume=resume, splits=splits)
     except Interrupted as stop:
         reporter.close()
         return _interrupted(stop, tracker, run_dir, group, say)

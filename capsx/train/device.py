@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +91,41 @@ def eval_mode(model: torch.nn.Module, inference: bool = True) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to give the same result every run (CUDA's documentation)
+
+
+@contextlib.contextmanager
+def kernel_choices(device: torch.device, *, deterministic: bool, tf32: bool) -> Iterator[dict[str, str]]:
+    """How torch picks kernels for one training on `device`, set for its length and put back after;
+    yields the choices as the run's tags (`kernels.*`).
+
+    `deterministic`: every kernel that has a deterministic variant uses it (torch's deterministic
+    algorithms, cuDNN without benchmarking, cuBLAS's fixed workspace), so a CUDA run repeats exactly;
+    an op without one warns once and stays as it is. Otherwise, on CUDA, cuDNN times its convolution
+    algorithms for each input shape and keeps the fastest (these models see one or two shapes).
+    `tf32`: on CUDA, fp32 matrix products and convolutions in TF32 (10-bit mantissa, Ampere and later).
+    The CPU's kernels repeat exactly either way; its choices are only recorded.
+    """
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    cuda = device.type == "cuda"
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if cuda:
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    tags = {"kernels.deterministic": str(deterministic).lower(),
+            "kernels.cudnn_benchmark": str(cuda and not deterministic).lower(),
+            "kernels.tf32": str(cuda and tf32).lower()}
+    try:
+        yield tags
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved[2:]

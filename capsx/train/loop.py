@@ -236,14 +236,17 @@ def _build(recipe: Recipe, run: Run, resume: Checkpoint | None, splits: DataSpli
         state = _restore(resume, model, optimizer, scaler, group, run.device)
     if group.is_main and cfg.precision == "bf16" and run.device.type == "cpu" and cpu_has_bf16_units() is False:
         run.reporter.warn(BF16_WITHOUT_UNITS)
-    step_batch = min(per_process_batch(data_cfg.batch_size, group.world), len(splits.train))
-    probe = check_memory(model, recipe.loss_config, data_cfg.input_shape, recipe.optimizer.name, run.device,
-                         step_batch, data_cfg.objects)
+    # the data goes to the device first, so that the probe sees the memory the data leaves free
     train_batches = Batches(splits.train.to(run.device), data_cfg.batch_size, shuffle=True, seed=cfg.seed,
                             shift=data_cfg.train_shift, crop=data_cfg.augment.crop,
                             max_steps=cfg.max_steps_per_epoch, rank=group.rank, world=group.world)
     test_batches = Batches(splits.test.to(run.device), data_cfg.eval_batch_size, rank=group.rank,
                            world=group.world)
+    step_batch = min(per_process_batch(data_cfg.batch_size, group.world), len(splits.train))
+    # data-parallel training also holds its gradient buckets (a copy of the trained gradients)
+    buckets = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) if group.active else 0
+    probe = check_memory(model, recipe.loss_config, data_cfg.input_shape, recipe.optimizer.name, run.device,
+                         step_batch, data_cfg.objects, cfg.precision, buckets)
     net: nn.Module = model
     if group.active:
         net = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from capsx.train.device import synchronize
+from capsx.train.device import autocast, synchronize
 
 PROBE_BATCHES = (8, 40)
 MARGIN = 1.5  # allocator slack and fragmentation: measured peaks ranged 0.5x-1.0x of this scaled estimate
@@ -103,27 +103,39 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
 
 
 def _step(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], batch: int,
-          device: torch.device, objects: int) -> None:
+          device: torch.device, objects: int, precision: str) -> None:
     x = torch.rand(batch, *input_shape, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
     targets = x
     if objects > 1:  # k different classes per image, each with its own image to rebuild
         y = torch.arange(objects, device=device).expand(batch, objects)
         targets = x.unsqueeze(1).expand(batch, objects, *input_shape)
-    criterion(model(x, y), targets, y).total.backward()  # type: ignore[operator]
+    with autocast(device, precision):  # as training runs it: bf16/fp16 activations take half the memory
+        loss = criterion(model(x, y), targets, y).total  # type: ignore[operator]
+    loss.backward()
     for p in model.parameters():
         p.grad = None
 
 
 def estimate(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], optimizer: str,
-             device: torch.device, objects: int = 1) -> MemoryEstimate | None:
+             device: torch.device, objects: int = 1, precision: str = "fp32") -> MemoryEstimate | None:
     """Measure the memory; None where this device's memory cannot be read (MPS, non-Linux CPU)."""
-    return probe(model, criterion, input_shape, optimizer, device, objects).memory
+    return probe(model, criterion, input_shape, optimizer, device, objects, precision).memory
+
+
+def _generators(device: torch.device) -> list[int]:
+    """The CUDA generators a probe on `device` draws from (its dropout, its random inputs)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def probe(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], optimizer: str,
-          device: torch.device, objects: int = 1) -> Probe:
-    """Take the two probe steps (weights untouched, the RNG as it was), reading memory and time."""
+          device: torch.device, objects: int = 1, precision: str = "fp32", beside: int = 0) -> Probe:
+    """Take the two probe steps (weights untouched, every RNG it draws from as it was: the CPU's and,
+    on CUDA, the device's, which a resume has already restored), reading memory and time, in the
+    training's precision. `beside`: bytes the training will hold that the probe does not allocate
+    (data-parallel training's gradient buckets)."""
     readers = _memory_readers(device)
     if readers is not None:
         readers[0]()
@@ -131,14 +143,14 @@ def probe(model: nn.Module, criterion: object, input_shape: tuple[int, int, int]
     model.train()
     peaks, seconds = [], []
     try:
-        with torch.random.fork_rng(devices=[]):  # dropout in a probe must not shift training's RNG
+        with torch.random.fork_rng(devices=_generators(device)):  # a probe must not shift training's RNG
             baseline = readers[2]() if readers is not None else 0
             for b in PROBE_BATCHES:
                 if readers is not None:
                     readers[0]()
                 synchronize(device)
                 started = time.perf_counter()
-                _step(model, criterion, input_shape, b, device, objects)
+                _step(model, criterion, input_shape, b, device, objects, precision)
                 synchronize(device)
                 seconds.append(time.perf_counter() - started)
                 if readers is not None:
@@ -152,7 +164,7 @@ def probe(model: nn.Module, criterion: object, input_shape: tuple[int, int, int]
     (b1, b2), (p1, p2) = PROBE_BATCHES, peaks
     per_image = max(1, (p2 - p1) // (b2 - b1))
     state = sum(p.numel() * p.element_size() for p in model.parameters()) * OPTIMIZER_COPIES.get(optimizer, 2)
-    fixed = max(0, p1 - baseline - per_image * b1) + state
+    fixed = max(0, p1 - baseline - per_image * b1) + state + beside
     return Probe(MemoryEstimate(per_image, fixed, free() + max(0, now() - baseline)), timed)
 
 
@@ -173,8 +185,9 @@ def _memory_readers(device: torch.device) -> Readers | None:
         def now() -> int:
             return int(torch.cuda.memory_allocated(device))
 
-        def free() -> int:
-            return int(torch.cuda.mem_get_info(device)[0])
+        def free() -> int:  # the driver's free memory and what PyTorch's cache holds unused (it reuses that)
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(torch.cuda.mem_get_info(device)[0]) + max(0, int(cached))
 
         return reset, read, now, free
     if device.type == "cpu":

@@ -13,10 +13,11 @@ from capsx.train.device import cpu_has_bf16_units
 
 
 def check_memory(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], optimizer: str,
-                 device: torch.device, batch: int, objects: int = 1) -> memory.Probe:
+                 device: torch.device, batch: int, objects: int = 1, precision: str = "fp32",
+                 beside: int = 0) -> memory.Probe:
     """Stop before training if a step at `batch` will not fit the device, saying what would.
     Returns what the probe steps measured (their time too)."""
-    probe = memory.probe(model, criterion, input_shape, optimizer, device, objects)
+    probe = memory.probe(model, criterion, input_shape, optimizer, device, objects, precision, beside)
     est = probe.memory
     if est is None or est.peak(batch) <= est.available:
         return probe
