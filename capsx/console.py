@@ -62,15 +62,18 @@ class ProgressReporter:
         self.progress.start()
         self.task = self.progress.add_task("train", total=steps, completed=done, stats="")
 
-    def step(self, totals: EpochTotals, lr: float) -> None:
+    def step(self, totals: EpochTotals, lr: float, steps: int = 1) -> None:
+        """`steps` more steps were taken (and read off the device: `totals` includes them)."""
+        if steps == 0:
+            return
         stats = f"loss {totals.mean('loss'):.4f} acc {100 * totals.accuracy:.2f}% {totals.images_per_s:.0f} img/s"
         if self.progress is None:
-            self.plain_done += 1
-            if self.plain_done % self.plain_every == 0:
+            before, self.plain_done = self.plain_done, self.plain_done + steps
+            if self.plain_done // self.plain_every > before // self.plain_every:
                 self.console.print(f"  {self.plain_label.format(self.plain_done)}  {stats}  lr {lr:.2e}")
             return
         assert self.task is not None
-        self.progress.update(self.task, advance=1, stats=stats)
+        self.progress.update(self.task, advance=steps, stats=stats)
 
     def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         self.close()

@@ -166,3 +166,27 @@ def test_bad_input_is_one_red_line_without_traceback(workdir, args, code, words)
     assert len(error_lines) == 1, res.output
     for w in words:
         assert w in res.output.replace("\n", ""), (w, res.output)
+
+
+def test_resume_by_run_id_by_run_folder_and_by_checkpoint_file_continue_the_one_run(workdir):
+    """`--resume RUN_ID|PATH`: each continues the same MLflow run and run folder; the run records the
+    git commit of the checkout it was started in, and its folder."""
+    import subprocess
+
+    subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+                   cwd=workdir, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workdir, capture_output=True, text=True).stdout.strip()
+    recipe = _write(workdir / "r.yaml", tiny_recipe(train={"epochs": 1, "seed": 0, "max_steps_per_epoch": 2}))
+    assert invoke("train", str(recipe)).exit_code == 0
+    uri = f"sqlite:///{workdir}/runs/mlflow.db"
+    client, run = _only_run(uri)
+    (run_dir,) = (workdir / "runs" / "tiny").iterdir()
+    assert run.data.tags["mlflow.source.git.commit"] == commit
+    assert run.data.tags["capsx.run_dir"] == str(run_dir.resolve())
+    for epochs, ref in ((2, run.info.run_id), (3, str(run_dir)), (4, str(run_dir / "checkpoints" / "last.pt"))):
+        res = invoke("train", "--resume", ref, f"train.epochs={epochs}")
+        assert res.exit_code == 0 and "resuming tiny" in res.output, res.output
+    client, again = _only_run(uri)  # still the one run, in the one folder
+    assert again.info.run_id == run.info.run_id and list((workdir / "runs" / "tiny").iterdir()) == [run_dir]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/error")] == [1, 2, 3, 4]

@@ -140,3 +140,31 @@ def test_small_cnn_learns_real_mnist(tmp_path):
     result = fit(recipe, Run(resolve_device("cpu"), root, tmp_path, NoTracking("local"), QuietReporter()))
     assert result.final is not None and result.final.images == 1000
     assert result.final.accuracy > 0.90
+
+
+def test_the_data_root_is_the_flag_then_the_recipes_then_capsx_data_then_dot_data(tmp_path, monkeypatch):
+    from capsx.data import resolve_data_root
+    from capsx.recipe import load_recipe
+
+    (tmp_path / "recipes").mkdir()
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text("model: {name: capsnet}\ndata: {name: mnist, root: ../mine}\n")
+    recipe_root = load_recipe(recipe).data.root  # relative to the recipe file, not to where capsx runs
+    assert recipe_root == str((tmp_path / "mine").resolve())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CAPSX_DATA", str(tmp_path / "env"))
+    assert resolve_data_root(str(tmp_path / "flag"), recipe_root) == (tmp_path / "flag").resolve()
+    assert resolve_data_root(None, recipe_root) == (tmp_path / "mine").resolve()
+    assert resolve_data_root(None, None) == (tmp_path / "env").resolve()
+    monkeypatch.delenv("CAPSX_DATA")
+    assert resolve_data_root(None, None) == (tmp_path / "data").resolve()
+
+
+def test_a_subset_is_a_seeded_random_draw_from_the_split():
+    whole = ShapesConfig(train_size=200, test_size=50).load_splits(Path(".")).train
+    a = ShapesConfig(train_size=200, test_size=50, subset=120).load_splits(Path(".")).train
+    b = ShapesConfig(train_size=200, test_size=50, subset=120).load_splits(Path(".")).train
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, whole.images[:120])  # not simply the first 120
+    kept = {bytes(img.numpy()) for img in whole.images}
+    assert all(bytes(img.numpy()) in kept for img in a.images)  # drawn from the split, none made up

@@ -132,3 +132,24 @@ def test_two_processes_train_a_capsnet_whose_decoder_no_loss_trains(workdir):
     last = torch.load(next(workdir.glob("runs/tiny/*/checkpoints/last.pt")), weights_only=True)
     assert last["state"]["epoch"] == 1  # the epoch ran to its end
     assert any(k.startswith("decoder.") for k in last["model"])  # the decoder kept, for the pictures
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs for --nproc 2")
+def test_more_cuda_processes_than_gpus_is_one_line_before_any_worker_starts(workdir):
+    """Refused in the launching process, so no worker prints torch's 'invalid device ordinal'."""
+    from capsx.errors import CapsxError
+    from capsx.train.distributed import check_gpus
+
+    gpus = torch.cuda.device_count()
+    with pytest.raises(CapsxError) as e:
+        check_gpus(gpus + 1)
+    assert str(e.value) == (f"--nproc {gpus + 1} on CUDA takes a GPU per process, and this machine has {gpus}; "
+                            f"use --nproc {gpus} or fewer, or device: cpu")
+    if gpus == 0:  # without CUDA the recipe's device is refused first, also before any worker
+        recipe = workdir / "r.yaml"
+        recipe.write_text(yaml.safe_dump({**tiny_recipe(), "device": "cuda"}))
+        out = subprocess.run([sys.executable, "-m", "capsx", "train", str(recipe), "--nproc", "2"],
+                             capture_output=True, text=True, timeout=120)
+        lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+        assert out.returncode == 2 and len(lines) == 1, lines
+        assert lines[0].startswith("error: device 'cuda' is not available here")

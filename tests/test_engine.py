@@ -319,3 +319,92 @@ def test_on_the_cpu_kernel_choices_record_no_cuda_switch():
         assert torch.are_deterministic_algorithms_enabled()
     assert tags == {"kernels.deterministic": "true", "kernels.cudnn_benchmark": "false", "kernels.tf32": "false"}
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+class _StepCounts(QuietReporter):
+    """The `steps` of each progress call: how many steps each read of the device covered."""
+
+    def __init__(self):
+        self.reads = []
+
+    def step(self, totals, lr, steps=1):
+        self.reads.append(steps)
+
+
+def test_reading_the_losses_every_few_steps_sums_and_logs_exactly_what_reading_every_step_does(
+        tmp_path, monkeypatch):
+    """On a GPU the loop reads the losses off the device every few steps (one wait, not four a step).
+    Forced here on the CPU: the same weights, the same epoch metrics and step losses, to the bit, and
+    a read at every 4th global step and at each epoch's end (6 steps an epoch: steps 1-4, 5-6 | 7-8,
+    9-12, and nothing left at the end)."""
+    recipe = recipe_from_dict(tiny_recipe(train={"epochs": 2, "seed": 0, "log_every": 4}), "t")
+
+    def train(read_every: int, where):
+        monkeypatch.setattr("capsx.train.loop.steps_between_reads", lambda device, log_every: read_every)
+        tracker, counts = _NoTracking(), _StepCounts()
+        (where / "checkpoints").mkdir(parents=True)
+        run = Run(device=resolve_device("cpu"), data_root=where, run_dir=where, tracker=tracker, reporter=counts)
+        result = fit(recipe, run)
+        return result, tracker.metrics, counts.reads
+
+    every, every_metrics, every_reads = train(1, tmp_path / "a")
+    fourth, fourth_metrics, fourth_reads = train(4, tmp_path / "b")
+    assert every_reads == [1] * 6 + [0] + [1] * 6 + [0] and fourth_reads == [4, 2, 2, 4, 0]
+    drop_time = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    assert [(s, drop_time(m)) for s, m in every_metrics] == [(s, drop_time(m)) for s, m in fourth_metrics]
+    assert [s for s, m in fourth_metrics if "train/step_loss" in m] == [4, 8, 12]
+    a, b = every.state.history, fourth.state.history
+    assert [drop_time(r) for r in a] == [drop_time(r) for r in b]
+
+
+def _one_step(optimizer_cfg: dict) -> torch.Tensor:
+    """w = (1, -2), loss sum(w^2)/2 (gradient w), one step of the recipe's optimizer."""
+    from capsx.train.optim import OptimizerConfig, build_optimizer
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = build_optimizer([w], OptimizerConfig(**optimizer_cfg))
+    (w * w).sum().div(2).backward()
+    opt.step()
+    return w.detach()
+
+
+@pytest.mark.parametrize("cfg, expected", [
+    # heavy-ball with Nesterov: buffer g, update g + 0.9 g = 1.9 g
+    ({"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}, [1 - 0.19, -2 + 0.38]),
+    ({"name": "sgd", "lr": 0.1, "momentum": 0.9}, [1 - 0.1, -2 + 0.2]),  # the first step is plain
+    # Adagrad: g / sqrt(g^2) = sign(g)
+    ({"name": "adagrad", "lr": 0.1, "eps": 1e-12}, [1 - 0.1, -2 + 0.1]),
+    # RMSprop (alpha 0.99): g / sqrt(0.01 g^2) = 10 sign(g)
+    ({"name": "rmsprop", "lr": 0.01, "eps": 1e-12}, [1 - 0.1, -2 + 0.1]),
+    # Adadelta (rho 0.9): sqrt(eps) / sqrt(0.1 g^2 + eps) * g
+    ({"name": "adadelta", "lr": 1.0, "eps": 1e-6},
+     [1 - 1e-3 / math.sqrt(0.1 + 1e-6), -2 + 2e-3 / math.sqrt(0.4 + 1e-6)]),
+    ({"name": "adam", "lr": 0.1, "eps": 1e-12}, [1 - 0.1, -2 + 0.1]),  # the first bias-corrected step is lr * sign(g)
+])
+def test_each_optimizer_takes_its_first_step_as_its_update_rule_says(cfg, expected):
+    assert _one_step(cfg).tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_weight_decay_reaches_every_optimizer():
+    from capsx.train.optim import OPTIMIZERS, OptimizerConfig, build_optimizer
+
+    for name in OPTIMIZERS.names():
+        opt = build_optimizer([torch.nn.Parameter(torch.ones(2))], OptimizerConfig(name=name, weight_decay=0.25))
+        assert opt.param_groups[0]["weight_decay"] == 0.25, name
+
+
+def test_checkpoint_every_writes_last_pt_on_its_epochs_and_the_last_and_best_false_writes_no_best(tmp_path):
+    from capsx.train.checkpoint import load_checkpoint
+
+    recipe = recipe_from_dict(tiny_recipe(train={"epochs": 3, "seed": 0, "checkpoint": {"every": 2, "best": False},
+                                                 "max_steps_per_epoch": 2}), "t")
+    run = _run(tmp_path, _NoTracking())
+    last = tmp_path / "checkpoints" / "last.pt"
+    seen = []
+    run.after_epoch = lambda model, state: seen.append(load_checkpoint(last)["state"]["epoch"]
+                                                       if last.is_file() else None)
+    result = fit(recipe, run)
+    assert seen == [None, None, 2, 3]  # before epoch 1 (the step-0 pictures), then after each epoch
+    assert result.best_checkpoint is None and not (tmp_path / "checkpoints" / "best.pt").exists()
+    # max_steps_per_epoch: 2 steps an epoch of the 6 a full epoch of 96 images in batches of 16 has
+    assert result.state.global_step == 6 and len(result.state.history) == 3

@@ -160,3 +160,51 @@ def test_shift_and_crop_offsets_are_the_cpus_on_cuda():
         return [b.images.cpu() for b in Batches(d, 16, shuffle=True, seed=5, shift=2, crop=10).epoch(1)]
     on_cpu, on_cuda = batches(data), batches(data.to(CUDA))
     assert all(torch.equal(a, b) for a, b in zip(on_cpu, on_cuda, strict=True))
+
+
+def _synchronizing_calls(recipe: Recipe, tmp_path) -> int:
+    """How many calls of one CPU-side `fit` waited for the GPU (torch's sync debug mode warns on each)."""
+    import warnings
+
+    from capsx.track.tracker import NullTracker
+    from capsx.train.loop import QuietReporter, Run, fit
+
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    run = Run(device=CUDA, data_root=tmp_path, run_dir=tmp_path, tracker=NullTracker("local"),
+              reporter=QuietReporter())
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(recipe, run)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_a_training_step_on_cuda_waits_for_the_gpu_less_than_once(tmp_path):
+    """Syncs per step from two trainings that differ only in their number of steps (the same
+    evaluation, checkpoints and set-up): the loop reads the losses every 16 steps, not 4 times a step."""
+    from capsx.recipe import recipe_from_dict
+
+    def recipe(train_size: int) -> Recipe:
+        raw = tiny_recipe(data={"name": "shapes", "train_size": train_size, "test_size": 32, "batch_size": 16,
+                                "augment": {"shift": 2}}, train={"epochs": 1, "seed": 0, "log_every": 16})
+        raw["device"] = "cuda"
+        raw["tracking"] = {"pictures_every": 0}
+        return recipe_from_dict(raw, "t")
+
+    short = _synchronizing_calls(recipe(16 * 32), tmp_path / "short")
+    long = _synchronizing_calls(recipe(16 * 96), tmp_path / "long")
+    per_step = (long - short) / 64
+    assert per_step <= 2 / 16, f"{per_step:.3f} synchronizing calls per training step ({short} and {long})"
+
+
+def test_bf16_on_a_gpu_without_bf16_units_is_told_to_use_fp16():
+    from capsx.train.preflight import bf16_advice
+
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    advice = bf16_advice(CUDA, "bf16")
+    assert (advice is None) == native and bf16_advice(CUDA, "fp32") is None
+    if advice is not None:
+        assert "train.precision=fp16" in advice and torch.cuda.get_device_name(CUDA) in advice

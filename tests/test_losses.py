@@ -47,3 +47,13 @@ def test_cross_entropy_matches_log_softmax():
     terms = CrossEntropyConfig()(ModelOutput(scores=logits), torch.zeros(1), torch.tensor([0]))
     expected = -torch.log_softmax(logits, dim=1)[0, 0]
     assert torch.allclose(terms.total, expected)
+
+
+def test_label_smoothing_mixes_the_one_hot_target_with_the_uniform():
+    """loss = (1 - e) * CE(true) + e * mean over classes of CE(class), here by hand (e = 0.3, 3 classes)."""
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    logp = torch.log_softmax(logits, dim=1)[0]
+    expected = -(0.7 * logp[1] + 0.3 * logp.mean())
+    terms = CrossEntropyConfig(label_smoothing=0.3)(ModelOutput(scores=logits), torch.zeros(1), torch.tensor([1]))
+    assert terms.total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms.total.item() != pytest.approx(-logp[1].item(), rel=1e-3)  # not the plain loss

@@ -38,8 +38,8 @@ class _StopServerAt:
     def epoch_start(self, *a): ...
     def epoch_end(self, *a): ...
 
-    def step(self, totals, lr):
-        self.steps += 1
+    def step(self, totals, lr, steps=1):
+        self.steps += steps
         if self.steps == self.at:
             self.server.stop()
 

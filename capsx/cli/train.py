@@ -88,12 +88,15 @@ def _launch(nproc: int, loaded: Recipe, recipe: Path | None, ckpt: Checkpoint | 
             no_track: bool) -> None:
     """Start `nproc` workers with torchrun, each running this same command (without --nproc)."""
     from capsx.train import distributed
+    from capsx.train.device import resolve_device
 
     if seeds is not None:
         raise CapsxError("--seeds with --nproc: not supported together; run each seed with --nproc")
     if distributed.in_worker():
         raise CapsxError("--nproc starts the worker processes itself; under torchrun, leave it out")
     distributed.per_process_batch(loaded.data.batch_size, nproc)  # refused here, before any worker starts
+    if resolve_device(loaded.device).type == "cuda":
+        distributed.check_gpus(nproc)
     args = ["train", *([str(recipe)] if ckpt is None else ["--resume", str(ckpt.path)])]
     args += [a for c in changes for a in ("--set", c)]
     args += ["--runs-dir", str(runs_dir)]

@@ -103,12 +103,21 @@ class Batches:
                 assert sources is None, "shifting the input would leave its objects' images behind"
                 g = torch.Generator().manual_seed(_seed(self.seed, epoch, step, 1))
                 span = 2 * self.shift
-                images = shift_by(images, window_offsets(len(everyone), span, span, g)[:, share], self.shift)
+                offsets = _on(self.device, window_offsets(len(everyone), span, span, g)[:, share])
+                images = shift_by(images, offsets, self.shift)
             if self.crop is not None:
                 assert sources is None, "cropping the input would leave its objects' images behind"
                 g = torch.Generator().manual_seed(_seed(self.seed, epoch, step, 2))
                 H, W = images.shape[-2:]
-                offsets = window_offsets(len(everyone), H - self.crop, W - self.crop, g)[:, share]
+                offsets = _on(self.device, window_offsets(len(everyone), H - self.crop, W - self.crop, g)[:, share])
                 images = take_windows(images, offsets, self.crop, self.crop)
             x = unit_float(images)
             yield idx, Batch(x, labels, x if sources is None else unit_float(sources))
+
+
+def _on(device: torch.device, offsets: Tensor) -> Tensor:
+    """CPU-drawn offsets on the data's device. To a GPU through pinned memory and without waiting: a
+    plain copy from pageable memory would wait for every queued kernel, once a step."""
+    if device.type != "cuda":
+        return offsets.to(device)
+    return offsets.pin_memory().to(device, non_blocking=True)

@@ -101,6 +101,7 @@ def join(device: torch.device) -> tuple[Group, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.type == "cuda":
+        check_gpus(local_world)
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
@@ -111,10 +112,19 @@ def join(device: torch.device) -> tuple[Group, torch.device]:
     else:
         raise CapsxError(f"distributed training runs on CUDA (NCCL) or CPU (gloo), not {device.type}; "
                          "set device: cpu or cuda")
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    if not dist.is_initialized():  # NCCL bound to this process's GPU now, not guessed at the first collective
+        dist.init_process_group(backend, timeout=timedelta(minutes=10),
+                                device_id=device if backend == "nccl" else None)
     comm = device if backend == "nccl" else torch.device("cpu")
     return Group(rank, world, local_rank, local_world, comm), device
+
+
+def check_gpus(processes: int) -> None:
+    """One GPU per process on this machine, or one line saying how many there are."""
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        raise CapsxError(f"--nproc {processes} on CUDA takes a GPU per process, and this machine has {gpus}; "
+                         f"use --nproc {gpus} or fewer, or device: cpu")
 
 
 def leave(together: bool = False) -> None:

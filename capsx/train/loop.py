@@ -29,19 +29,14 @@ from capsx.models import ModelOutput, build_model
 from capsx.models.transfer import prepare_transfer
 from capsx.recipe import Recipe
 from capsx.train.checkpoint import Checkpoint
-from capsx.train.device import autocast, cpu_has_bf16_units, eval_mode
+from capsx.train.device import autocast, eval_mode
 from capsx.train.distributed import SINGLE, Group, per_process_batch
 from capsx.train.interrupt import StopRequest
 from capsx.train.losses import LossTerms
 from capsx.train.metrics import EvalResult, predict
 from capsx.train.optim import build_optimizer, lr_factor, set_lr
-from capsx.train.preflight import (
-    BF16_WITHOUT_UNITS,
-    LONG_EPOCH_SECONDS,
-    check_memory,
-    long_epoch_advice,
-)
-from capsx.train.state import EpochTotals, TrainState
+from capsx.train.preflight import LONG_EPOCH_SECONDS, bf16_advice, check_memory, long_epoch_advice
+from capsx.train.state import EpochTotals, PendingSteps, TrainState
 
 
 class RunLog(Protocol):
@@ -58,14 +53,14 @@ class Reporter(Protocol):
 
     def warn(self, message: str) -> None: ...
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None: ...
-    def step(self, totals: EpochTotals, lr: float) -> None: ...
+    def step(self, totals: EpochTotals, lr: float, steps: int = 1) -> None: ...
     def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
 
 class QuietReporter:
     def warn(self, message: str) -> None: ...
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None: ...
-    def step(self, totals: EpochTotals, lr: float) -> None: ...
+    def step(self, totals: EpochTotals, lr: float, steps: int = 1) -> None: ...
     def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
     def close(self) -> None: ...
 
@@ -234,8 +229,9 @@ def _build(recipe: Recipe, run: Run, resume: Checkpoint | None, splits: DataSpli
                               **transfer.facts()})
     else:
         state = _restore(resume, model, optimizer, scaler, group, run.device)
-    if group.is_main and cfg.precision == "bf16" and run.device.type == "cpu" and cpu_has_bf16_units() is False:
-        run.reporter.warn(BF16_WITHOUT_UNITS)
+    slow_bf16 = bf16_advice(run.device, cfg.precision)
+    if group.is_main and slow_bf16:
+        run.reporter.warn(slow_bf16)
     # the data goes to the device first, so that the probe sees the memory the data leaves free
     train_batches = Batches(splits.train.to(run.device), data_cfg.batch_size, shuffle=True, seed=cfg.seed,
                             shift=data_cfg.train_shift, crop=data_cfg.augment.crop,
@@ -279,18 +275,32 @@ def _restore(resume: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimi
     return copy.deepcopy(resume.state)
 
 
+def steps_between_reads(device: torch.device, log_every: int) -> int:
+    """Training steps between two reads of the loss off the device (see `PendingSteps`): every step on
+    the CPU, where a read costs nothing, and on a GPU often enough for a live progress bar and for
+    every `train/step_loss` point."""
+    return 1 if device.type == "cpu" else math.gcd(log_every, READ_EVERY_ON_ACCELERATORS)
+
+
+READ_EVERY_ON_ACCELERATORS = 16
+
+
 def train_one_epoch(net: nn.Module, batches: Batches, step: Step, state: TrainState, run: Run, *,
                     log_every: int, should_stop: Callable[[], bool], last_good: Path | None) -> bool:
     """Train from `state.epoch_step` to the end of `state.epoch`. False if a stop was requested
-    (`should_stop()` is asked after every step, by every process)."""
+    (`should_stop()` is asked whenever the losses are read: by every process after the same steps)."""
     net.train()
     totals = state.totals
+    pending = PendingSteps()
+    read_every = steps_between_reads(run.device, log_every)
     batch_iter = batches.epoch(state.epoch, start_step=state.epoch_step)
     while True:
         t0 = time.perf_counter()
         batch = next(batch_iter, None)
         t1 = time.perf_counter()
         if batch is None:
+            run.reporter.step(totals, step.lr_at(state.global_step - 1),
+                              steps=_read(pending, totals, state, run, step, log_every, last_good))
             return True
         images, labels, targets = batch
         lr = step.lr_at(state.global_step)
@@ -302,22 +312,32 @@ def train_one_epoch(net: nn.Module, batches: Batches, step: Step, state: TrainSt
         step.scaler.scale(terms.total).backward()
         step.scaler.step(step.optimizer)
         step.scaler.update()
-        loss = totals.add(terms, out, labels)
-        if not math.isfinite(loss):
-            kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-            raise RunError(f"the loss became {loss} at step {state.global_step} (epoch {state.epoch + 1}); "
-                           f"{kept}; try a lower optimizer.lr")
         state.epoch_step += 1
         state.global_step += 1
-        t2 = time.perf_counter()
-        totals.seconds += t2 - t0
-        totals.data_seconds += t1 - t0
-        if state.global_step % log_every == 0:
-            mean_loss = run.group.sum_floats([loss])[0] / run.group.world  # the global batch's loss
-            run.tracker.log_metrics({"train/step_loss": mean_loss, "train/step_lr": lr}, step=state.global_step)
-        run.reporter.step(totals, lr)
-        if should_stop():
-            return False
+        pending.add(terms, out, labels, state.global_step, time.perf_counter() - t0, t1 - t0)
+        if state.global_step % read_every == 0:
+            run.reporter.step(totals, lr, steps=_read(pending, totals, state, run, step, log_every, last_good))
+            if should_stop():
+                return False
+
+
+def _read(pending: PendingSteps, totals: EpochTotals, state: TrainState, run: Run, step: Step, log_every: int,
+          last_good: Path | None) -> int:
+    """The pending steps into the epoch's totals (how many: the return); a loss that is not finite
+    stops the training, and every `log_every`-th step's loss (the mean over the processes) is logged."""
+    count = len(pending)
+    last = pending.read(totals)
+    if last is None:
+        return 0
+    loss, at = last
+    if not math.isfinite(loss):
+        kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+        raise RunError(f"the loss became {loss} at step {at - 1} (epoch {state.epoch + 1}); "
+                       f"{kept}; try a lower optimizer.lr")
+    if at % log_every == 0:
+        mean_loss = run.group.sum_floats([loss])[0] / run.group.world  # the global batch's loss
+        run.tracker.log_metrics({"train/step_loss": mean_loss, "train/step_lr": step.lr_at(at - 1)}, step=at)
+    return count
 
 
 def evaluate(model: nn.Module, batches: Batches, criterion: Criterion, *, precision: str,
@@ -326,17 +346,21 @@ def evaluate(model: nn.Module, batches: Batches, criterion: Criterion, *, precis
     With several processes each evaluates its share and the sums are gathered."""
     sums: dict[str, float] = {}
     labels_all, preds_all, indices_all = [], [], []
+    rows, names = [], []  # each batch's loss terms, left on the device and read once at the end
     with eval_mode(model):
         for indices, (images, labels, targets) in batches.indexed(0):
             with autocast(device, precision):
                 out = model(images)
                 terms = criterion(out, targets, labels)
-            sums["loss"] = sums.get("loss", 0.0) + terms.total.item() * len(labels)
-            for name, per_sample in terms.parts.items():
-                sums[name] = sums.get(name, 0.0) + per_sample.float().sum().item()
+            names = list(terms.parts)
+            rows.append(torch.stack([terms.total.float(), *(p.float().sum() for p in terms.parts.values())]))
             labels_all.append(labels)
             preds_all.append(predict(out, labels))
             indices_all.append(indices)
+    for (total, *parts), labels in zip(torch.stack(rows).tolist() if rows else [], labels_all, strict=True):
+        sums["loss"] = sums.get("loss", 0.0) + total * len(labels)
+        for name, part in zip(names, parts, strict=True):
+            sums[name] = sums.get(name, 0.0) + part
     if group.active:  # every process's predictions (small: one or k labels per image)
         labels_all = [t for part in group.gather([t.cpu() for t in labels_all]) for t in part]
         preds_all = [t for part in group.gather([t.cpu() for t in preds_all]) for t in part]

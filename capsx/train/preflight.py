@@ -34,6 +34,22 @@ BF16_WITHOUT_UNITS = ("train.precision=bf16 on a CPU without bf16 units (no avx5
                       "here (on a 2-core AVX2 CPU the paper's CapsNet trained at 1.8 img/s in bf16, 70.6 in fp32)")
 
 
+BF16_EMULATED = ("train.precision=bf16 on {gpu}, which has no bf16 arithmetic (before Ampere: V100, T4): CUDA "
+                 "emulates it, usually slower than fp32; train.precision=fp16 (with its gradient scaler) is "
+                 "this GPU's fast mixed precision")
+
+
+def bf16_advice(device: torch.device, precision: str) -> str | None:
+    """A warning line when bf16 will be slow on this device (a CPU or GPU without bf16 units); else None."""
+    if precision != "bf16":
+        return None
+    if device.type == "cpu" and cpu_has_bf16_units() is False:
+        return BF16_WITHOUT_UNITS
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return BF16_EMULATED.format(gpu=torch.cuda.get_device_name(device))
+    return None
+
+
 def long_epoch_advice(seconds: float, steps: int, batch: int, device: torch.device, precision: str) -> str:
     """One line: how long an epoch will take here, and what would shorten it. Never a refusal: the
     paper's protocol is a valid thing to start."""

@@ -3,6 +3,7 @@ in progress), saved in every checkpoint so a resumed run continues exactly."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,17 +28,17 @@ class EpochTotals:
     seconds: float = 0.0
     data_seconds: float = 0.0  # time spent waiting for batches
 
-    def add(self, terms: LossTerms, out: ModelOutput, labels: torch.Tensor) -> float:
-        """Accumulate one step; returns the step's mean loss."""
-        n = len(labels)
-        loss = terms.total.item()
-        self.sums["loss"] = self.sums.get("loss", 0.0) + loss * n
-        for name, per_sample in terms.parts.items():
-            self.sums[name] = self.sums.get(name, 0.0) + per_sample.detach().float().sum().item()
-        self.correct += int(all_right(labels, predict(out, labels)).sum())
-        self.images += n
+    def add(self, images: int, loss: float, parts: dict[str, float], correct: int, seconds: float,
+            data_seconds: float) -> None:
+        """One step's readings: its mean loss, each loss part summed over its images, its right answers."""
+        self.sums["loss"] = self.sums.get("loss", 0.0) + loss * images
+        for name, total in parts.items():
+            self.sums[name] = self.sums.get(name, 0.0) + total
+        self.correct += correct
+        self.images += images
         self.steps += 1
-        return loss
+        self.seconds += seconds
+        self.data_seconds += data_seconds
 
     def reduced(self, group: Group) -> EpochTotals:
         """The sums over every process (time is this process's: they run in step)."""
@@ -56,6 +57,52 @@ class EpochTotals:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+class PendingSteps:
+    """Training steps whose loss and right answers are still on the device, read all at once.
+
+    Reading a number off a GPU waits for every kernel queued before it (a sync), and the CPU then has
+    nothing queued for the GPU to work on while it prepares the next step; reading four numbers a step
+    (the loss, each loss part, the right answers) would stall a GPU four times a step. So each step
+    leaves one small vector on the device and `read` copies every step's vector in one transfer, then
+    adds them to the totals one step at a time, exactly as reading each step would (the sums are the
+    same to the bit, however many steps a read covers)."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.host: list[tuple[int, int, float, float]] = []  # per step: images, global step, seconds, data wait
+        self.names: list[str] = []
+        self.reads = 0  # how many times the device was waited for
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, terms: LossTerms, out: ModelOutput, labels: torch.Tensor, global_step: int,
+            seconds: float, data_seconds: float) -> None:
+        """Keep one step's readings on the device."""
+        self.names = list(terms.parts)
+        right = all_right(labels, predict(out, labels)).sum()
+        row = [terms.total.detach().float(), *(p.detach().float().sum() for p in terms.parts.values()),
+               right.float()]  # fp32 holds every count a batch can have exactly
+        self.rows.append(torch.stack(row))
+        self.host.append((len(labels), global_step, seconds, data_seconds))
+
+    def read(self, totals: EpochTotals) -> tuple[float, int] | None:
+        """Add the pending steps to `totals`; (the last step's mean loss, its global step), or None if
+        none was pending. A step whose loss is not finite stops the read there and is returned."""
+        if not self.rows:
+            return None
+        values = torch.stack(self.rows).tolist()  # the one wait for the device
+        self.reads += 1
+        rows, host, self.rows, self.host = values, self.host, [], []
+        last = (0.0, 0)
+        for (loss, *parts, right), (images, step, seconds, data_seconds) in zip(rows, host, strict=True):
+            last = (loss, step)
+            if not math.isfinite(loss):
+                break
+            totals.add(images, loss, dict(zip(self.names, parts, strict=True)), int(right), seconds, data_seconds)
+        return last
 
 
 @dataclass
