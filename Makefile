@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser train test bench gpu-check ui lint clean
+.PHONY: install test-packages train test bench gpu-check ui lint clean
 
 install: $(STAMP)
 
@@ -14,13 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-browser:  ## Debian's chromium for the browser test, where root apt-get can install it (else that test skips)
-	@bash scripts/install_browser.sh
+test-packages:  ## Debian's chromium and postgresql for the browser and database tests, where root apt-get can (else they skip)
+	@bash scripts/install_test_packages.sh
 
 train: install  ## the quickstart: a small CapsNet on the embedded `shapes` data set (no download)
 	$(BIN)/capsx train recipes/quickstart.yaml
 
-test: install browser  ## the whole suite, then its numerics-sensitive tests under a lower CPU class (CI runs exactly this)
+test: install test-packages  ## the whole suite, then its numerics-sensitive tests under a lower CPU class (CI runs exactly this)
 	$(BIN)/python -m pytest -q
 	$(BIN)/python tests/lower_isa.py -q
 

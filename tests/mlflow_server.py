@@ -49,10 +49,11 @@ def rest_post(base: str, endpoint: str, body: dict) -> dict:
 
 
 class Server:
-    """`capsx server` on 127.0.0.1 with its SQLite store and artifacts in `root`."""
+    """`capsx server` on 127.0.0.1 with its artifacts in `root`, and its SQLite store there too unless
+    `backend` names another (a PostgreSQL URI)."""
 
-    def __init__(self, root: Path, port: int) -> None:
-        self.root, self.port = root, port
+    def __init__(self, root: Path, port: int, backend: str | None = None) -> None:
+        self.root, self.port, self.backend = root, port, backend
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -60,8 +61,9 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([str(CAPSX), "server", "--store", str(self.root), "--port", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        backend = ["--backend-store-uri", self.backend] if self.backend else []
+        self.proc = subprocess.Popen([str(CAPSX), "server", "--store", str(self.root), "--port", str(self.port),
+                                      *backend], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_healthy(self.uri, self.proc)
 
     def stop(self) -> None:

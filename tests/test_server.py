@@ -60,11 +60,18 @@ def test_a_run_on_the_shared_server_reads_back_over_rest(workdir):
         srv.stop()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("psycopg") is not None, reason="psycopg is installed here")
-def test_a_database_backend_without_its_driver_is_one_line_saying_what_to_install(tmp_path):
-    res = CliRunner().invoke(app, ["server", "--backend-store-uri", "postgresql://me:secret@127.0.0.1/mlflow",
-                                   "--store", str(tmp_path / "srv")])
+@pytest.mark.parametrize("uri, shown, driver, hint", [
+    ("postgresql://me:secret@127.0.0.1/mlflow", "postgresql://me:***@127.0.0.1/mlflow", "psycopg",
+     "pip install 'capsx[postgres]' (psycopg 3: what MLflow's postgresql:// uses)"),
+    ("postgresql+psycopg2://me:secret@127.0.0.1/mlflow", "postgresql+psycopg2://me:***@127.0.0.1/mlflow",
+     "psycopg2", "pip install psycopg2-binary"),
+    ("mysql+pymysql://me@127.0.0.1/mlflow", "mysql+pymysql://me@127.0.0.1/mlflow", "pymysql", "pip install pymysql"),
+], ids=["postgresql", "psycopg2", "pymysql"])
+def test_a_database_backend_without_its_driver_is_one_line_saying_what_to_install(tmp_path, uri, shown, driver,
+                                                                                  hint):
+    if importlib.util.find_spec(driver) is not None:
+        pytest.skip(f"{driver} is installed here")
+    res = CliRunner().invoke(app, ["server", "--backend-store-uri", uri, "--store", str(tmp_path / "srv")])
     assert res.exit_code == 2 and res.output.strip().splitlines() == [
-        "error: --backend-store-uri postgresql://me:***@127.0.0.1/mlflow: needs the Python driver 'psycopg', "
-        "which is not installed; pip install 'capsx[postgres]' (psycopg 3: what MLflow's postgresql:// uses)"]
+        f"error: --backend-store-uri {shown}: needs the Python driver {driver!r}, which is not installed; {hint}"]
     assert not (tmp_path / "srv").exists()  # refused before anything was made
