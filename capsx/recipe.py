@@ -78,6 +78,8 @@ def parse_yaml(text: str) -> Any:
                 None, None, f"its aliases expand it to {size:,} values (at most {MAX_YAML_VALUES:,}; a recipe "
                             "holds a few hundred)", node.start_mark)
         return loader.construct_document(node)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply to read (a recipe is a few levels deep)") from None
     finally:
         loader.dispose()
 
@@ -112,7 +114,7 @@ class CheckpointConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, le=1_000_000)
     seed: int = 0
     early_stopping_patience: int | None = Field(None, ge=1)  # epochs without a better test error
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -359,6 +361,7 @@ _EXPECTED = {
     "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
     "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
     "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list",
+    "finite_number": "a finite number", "string_too_short": "a non-empty string",
 }
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 

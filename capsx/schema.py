@@ -9,7 +9,7 @@ class Section(BaseModel):
     """A recipe section. Unknown keys are errors; YAML types are taken as they are
     (no silent "3" -> 3), except that an int is accepted where a float is expected."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -24,10 +24,22 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture
 def server(tmp_path):
-    srv = Server(tmp_path / "server", free_port())
+    """`capsx server` on a real PostgreSQL where one can be started here (the team server's database:
+    the harder case), else on its SQLite store."""
+    import importlib.util
+
+    from tests import postgres
+
+    db = None
+    if postgres.why_not() is None and importlib.util.find_spec("psycopg") is not None:
+        db = postgres.Postgres()
+        db.start()
+    srv = Server(tmp_path / "server", free_port(), backend=db.uri if db else None)
     srv.start()
     yield srv
     srv.stop()
+    if db is not None:
+        db.stop()
 
 
 class _StopServerAt:
@@ -192,3 +204,24 @@ def test_latest_is_the_newest_run_with_weights_and_a_broken_run_json_hides_no_ot
     assert find_run_dir(tmp_path, "latest") == older  # weights to evaluate or draw
     assert find_run_dir(tmp_path, "latest", which="last") == newest  # to resume: the newest, whose missing
     # last.pt is then an error, not a quiet resume of an older run
+
+
+def test_sync_drops_a_last_line_a_kill_cut_short_and_names_any_other_bad_line(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker.start(uri, "cut")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(f'{{"run_id": "{tracker.run_id}", "experiment": "cut", "recipe": "r", '
+                                      f'"tracking_uri": "{uri}", "started": 0}}')
+    good = ['{"op": "tags", "args": {"items": [["a", "b"]]}}', '{"op": "tags", "args": {"items": [["c", "d"]]}}']
+    (run_dir / BUFFER_FILE).write_text("\n".join(good) + '\n{"op": "tags", "args": {"ite')  # killed mid-append
+    res = CliRunner().invoke(app, ["sync", str(run_dir)])
+    assert res.exit_code == 0 and "sent 2 of 2" in res.output, res.output
+    tags = MlflowClient(uri).get_run(tracker.run_id).data.tags
+    assert tags["a"] == "b" and tags["c"] == "d" and not (run_dir / BUFFER_FILE).exists()
+
+    (run_dir / BUFFER_FILE).write_text(good[0] + "\nnot json\n" + good[1] + "\n")
+    res = CliRunner().invoke(app, ["sync", str(run_dir)])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "line 2 is not a tracking call capsx wrote" in lines[0]
+    assert (run_dir / BUFFER_FILE).read_text().count("\n") == 3  # nothing lost, nothing sent past it

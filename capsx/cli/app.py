@@ -11,11 +11,34 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from capsx import __version__
 from capsx.errors import CapsxError
 
+# Click's usage error, as the Click copy inside Typer defines it (typer.BadParameter is one)
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Click's usage errors (an option's value out of range, an unknown option or command) as capsx's
+    one red line and exit 2, like every other bad input, instead of Typer's usage line, hint and box."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare command group prints its help
+                raise
+            from capsx.console import print_error
+
+            where = e.ctx.command_path if e.ctx is not None else "capsx"
+            print_error(f"{e.format_message().rstrip('.')} ({where} --help lists the options)")
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="capsx",
     help="Train, evaluate and look inside Capsule Networks and the CNNs they are measured against.",
     no_args_is_help=True,

@@ -112,7 +112,7 @@ def perturb(
 @handles_errors
 @logs_pictures
 def reconstruct(
-    count: Annotated[int, typer.Option("--count", help="Test images in the main panel.")] = 10,
+    count: Annotated[int, typer.Option("--count", min=1, max=100, help="Test images in the main panel.")] = 10,
     misclassified: Annotated[int, typer.Option("--misclassified", help="Mistakes in the strip (0: none).")] = 10,
     force_class: Annotated[int | None, typer.Option(
         "--force-class", help="Decode the capsule of this class instead of the predicted one ('P:').")] = None,
@@ -237,7 +237,7 @@ def visualize_saliency(
     method: Annotated[str, typer.Option("--method", help="integrated-gradients or grad-cam.")]
     = "integrated-gradients",
     layer: LayerOpt = None,
-    steps: Annotated[int, typer.Option("--steps", help="Integrated-gradients steps.")] = 32,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=1024, help="Integrated-gradients steps.")] = 32,
     run: RunOpt = None, checkpoint: CheckpointOpt = None, data_root: DataRootOpt = None,
     tracking_uri: TrackingOpt = None, runs_dir: RunsDirOpt = Path("runs"), log: LogOpt = True,
     device: DeviceOpt = "auto",
@@ -263,8 +263,8 @@ def visualize_top_activating(
     layer: LayerOpt = None,
     channel: Annotated[int, typer.Option("--channel", help="Channel, or capsule type for PrimaryCaps, or class "
                                                            "capsule for the class capsule layer.")] = 0,
-    k: Annotated[int, typer.Option("--k", help="How many images.")] = 16,
-    limit: Annotated[int, typer.Option("--limit", help="Test images to search.")] = 2000,
+    k: Annotated[int, typer.Option("--k", min=1, max=256, help="How many images.")] = 16,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Test images to search.")] = 2000,
     run: RunOpt = None, checkpoint: CheckpointOpt = None, data_root: DataRootOpt = None,
     tracking_uri: TrackingOpt = None, runs_dir: RunsDirOpt = Path("runs"), log: LogOpt = True,
     device: DeviceOpt = "auto",

@@ -29,6 +29,8 @@ def summary(
     = None,
 ) -> None:
     """Per-layer table of the recipe's model: output shapes and parameters, with totals."""
+    import torch
+
     from capsx.console import console, summary_tables
     from capsx.models import build_model
     from capsx.models.transfer import freeze_layers
@@ -40,7 +42,10 @@ def summary(
     num_classes = classes or len(r.data.classes)
     where = f"--input {input_shape}" if input_shape else f"{recipe}: {r.data.name}'s {'x'.join(map(str, shape))}"
     try:  # too small an input for the kernels: the model's own check (ValueError) or torch's (RuntimeError)
-        model = build_model(r.model, shape, num_classes, r.data.objects)
+        # on the meta device: shapes, parameter counts and FLOPs without allocating a weight or an
+        # activation, so any --input is answered at once (the same table, to the FLOP, as on the CPU)
+        with torch.device("meta"):
+            model = build_model(r.model, shape, num_classes, r.data.objects)
         layers = summarize(model, shape)
     except (ValueError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -80,10 +85,10 @@ def sync(
 def bench(
     recipe: Annotated[Path, typer.Argument(help="A CapsNet recipe (its model is benchmarked).")]
     = Path("recipes/mnist-capsnet.yaml"),
-    batch: Annotated[int, typer.Option("--batch", help="Training batch.")] = 128,
-    infer_batch: Annotated[int, typer.Option("--infer-batch", help="Inference batch.")] = 1000,
-    rounds: Annotated[int, typer.Option("--rounds", help="Alternating rounds of both paths.")] = 5,
-    steps: Annotated[int, typer.Option("--steps", help="Training steps per round and path.")] = 3,
+    batch: Annotated[int, typer.Option("--batch", min=1, max=1 << 16, help="Training batch.")] = 128,
+    infer_batch: Annotated[int, typer.Option("--infer-batch", min=1, max=1 << 16, help="Inference batch.")] = 1000,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=100, help="Alternating rounds of both paths.")] = 5,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Training steps per round and path.")] = 3,
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast; fp16 on CUDA "
                                                               "only, with a GradScaler).")] = "fp32",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps (default cpu: the figures in "

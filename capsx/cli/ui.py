@@ -24,7 +24,7 @@ def ui(
     tracking_uri: TrackingOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 unless you mean to share.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port of the web UI.")] = 5000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the web UI.")] = 5000,
 ) -> None:
     """Open the MLflow UI on the same store `train` logs to."""
     from capsx.track.tracker import local_store_dir, resolve_tracking_uri
@@ -49,7 +49,7 @@ def server(
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 shares it with the network "
                                            "(MLflow has no login by default: only on a trusted network).")]
     = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port of the server (UI and REST API).")] = 5000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the server (UI and REST API).")] = 5000,
     allowed_hosts: Annotated[str | None, typer.Option(
         help="Host names clients may use to reach it, e.g. 'gpu-box.lan:5000' (MLflow refuses other hosts' "
              "requests by default).")] = None,

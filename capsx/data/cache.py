@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from capsx.atomic import replacing
 from capsx.data.imageset import ImageSet
 
 
@@ -49,11 +49,8 @@ def store_split(name: str, files: list[Path], split: ImageSet) -> None:
         path = split_path(name, files)
         if path.is_file():
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".split.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with replacing(path) as f:
             torch.save({"images": split.images.cpu(), "labels": split.labels.cpu()}, f)
-        os.replace(tmp, path)
     except OSError:
         pass
 

@@ -27,8 +27,8 @@ class DataConfig(Section):
     """Fields every data set shares; subclasses set `name: Literal["..."]` and their own fields."""
 
     name: str
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(500, ge=1)
+    batch_size: int = Field(128, ge=1, le=1 << 20)
+    eval_batch_size: int = Field(500, ge=1, le=1 << 20)
     subset: int | None = Field(None, ge=1)  # train on a seeded random subset of this many images
     test_subset: int | None = Field(None, ge=1)  # evaluate on a seeded random subset
     augment: AugmentConfig = AugmentConfig()

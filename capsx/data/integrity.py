@@ -6,15 +6,16 @@ pays for it only the first time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
+from capsx.atomic import write_text
 from capsx.data.cache import cache_dir, files_key
 from capsx.data.files import canonical_root
 from capsx.errors import DataError
@@ -65,10 +66,5 @@ def _read(path: Path) -> dict[str, dict]:
 
 def _write(path: Path, cache: dict[str, dict]) -> None:
     """Atomic; a cache that cannot be written only means the check runs again next time."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        write_text(path, json.dumps(cache, indent=1))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from capsx.data.config import DataConfig, register_dataset
@@ -23,6 +23,7 @@ from capsx.data.imageset import DataSplits, Examples, ImageSet
 from capsx.data.pose import PoseQuantity, angle, linear
 
 SIZE = 28
+MAX_IMAGES = 2_000_000  # per split: 1.6 GB of pixels, generated in memory
 BASE_RADIUS = 9.0  # pixels from the centre to the shape's unit circle at scale 1
 EXTENT = 1.3  # the farthest any shape reaches in unit coordinates (the ell's corners: 1.28)
 # every shape is centred on its centroid, so the pose's centre is the shape's centre of mass
@@ -78,6 +79,19 @@ def draw_shapes(n: int, seed: int, min_scale: float, max_scale: float) -> ImageS
     cx = SIZE / 2 + room * (2 * torch.rand(n, generator=g) - 1)
     cy = SIZE / 2 + room * (2 * torch.rand(n, generator=g) - 1)
 
+    images = torch.empty(n, 1, SIZE, SIZE, dtype=torch.uint8)
+    for lo in range(0, n, RENDER_CHUNK):  # a few float maps per image while drawing: bounded, not N of them
+        hi = min(n, lo + RENDER_CHUNK)
+        images[lo:hi, 0] = _render(labels[lo:hi], cx[lo:hi], cy[lo:hi], angle[lo:hi], scale[lo:hi])
+    pose = torch.stack([cx, cy, angle, scale], dim=1)
+    return ImageSet(images=images, labels=labels, extras={"pose": pose})
+
+
+RENDER_CHUNK = 8192
+
+
+def _render(labels: Tensor, cx: Tensor, cy: Tensor, angle: Tensor, scale: Tensor) -> Tensor:
+    """(N, H, W) uint8 coverage of each image's shape at its pose."""
     coords = torch.arange(SIZE, dtype=torch.float32) + 0.5  # pixel centres
     py, px = torch.meshgrid(coords, coords, indexing="ij")  # (H, W)
     dx = px - cx.view(-1, 1, 1)  # (N, H, W)
@@ -86,15 +100,12 @@ def draw_shapes(n: int, seed: int, min_scale: float, max_scale: float) -> ImageS
     unit = (BASE_RADIUS * scale).view(-1, 1, 1)
     x = (cos * dx + sin * dy) / unit  # rotate by -angle into the shape's frame
     y = (-sin * dx + cos * dy) / unit
-
-    dist = torch.empty(n, SIZE, SIZE)
+    dist = torch.empty(len(labels), SIZE, SIZE)
     for k, fn in enumerate(SHAPES.values()):
         sel = labels == k
         dist[sel] = fn(x[sel], y[sel])
     coverage = (0.5 - dist * unit).clamp(0, 1)  # signed distance in pixels -> anti-aliased coverage
-    images = (coverage * 255).round().to(torch.uint8).unsqueeze(1)  # (N, 1, H, W)
-    pose = torch.stack([cx, cy, angle, scale], dim=1)
-    return ImageSet(images=images, labels=labels, extras={"pose": pose})
+    return (coverage * 255).round().to(torch.uint8)
 
 
 @register_dataset
@@ -102,13 +113,19 @@ class ShapesConfig(DataConfig):
     """`data: {name: shapes}`: generated from `seed`, identical on every machine."""
 
     name: Literal["shapes"] = "shapes"
-    train_size: int = Field(6000, ge=1)
-    test_size: int = Field(1000, ge=1)
+    train_size: int = Field(6000, ge=1, le=MAX_IMAGES)
+    test_size: int = Field(1000, ge=1, le=MAX_IMAGES)
     seed: int = 0
     # at 0.55 a shape spans ~10 pixels and its angle moves too few of them to be read from the capsule
     # (rotation R² 0.78 after `make train`); from 0.7 it is 0.94 (both measured, see the README)
     min_scale: float = Field(0.7, gt=0, le=1)
     max_scale: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _scales_in_order(self) -> ShapesConfig:
+        if self.min_scale > self.max_scale:
+            raise ValueError(f"min_scale {self.min_scale:g} is above max_scale {self.max_scale:g}")
+        return self
 
     image_shape: ClassVar[tuple[int, int, int]] = (1, SIZE, SIZE)
     classes: ClassVar[list[str]] = SHAPE_NAMES

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from capsx import __version__
+from capsx.atomic import write_text
 from capsx.console import ProgressReporter, fit_summary_table
 from capsx.errors import RunError
 from capsx.jobs.context import Context, silent
@@ -135,7 +136,7 @@ def _open_tracking(recipe: Recipe, ctx: Context, group: Group, device: torch.dev
         if isinstance(tracker, Tracker):
             tracker.buffer_dir = run_dir  # from here on, an unreachable store buffers instead of failing
         RunInfo(tracker.run_id, experiment, recipe_path, uri if ctx.track else None, time.time()).save(run_dir)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        write_text(run_dir / "recipe.yaml", recipe.to_yaml())
         tracker.set_tags({"capsx.run_dir": str(run_dir.resolve())})
         tracker.log_params(recipe.params())
         tracker.log_text(recipe.to_yaml(), "recipe.yaml")

@@ -123,10 +123,13 @@ class ClassCaps(nn.Module):
         matrix-vector products, which mixed precision makes slower (a cast copy of u_hat per call;
         measured: the bf16 training step was no faster than fp32), and the routing softmax and
         agreements keep their precision. The convolutions, nearly all the FLOPs, stay in low precision."""
-        if not torch.is_autocast_enabled(u.device.type):
+        if u.device.type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(u.device.type):
             return dynamic_routing(self.predictions(u), self.routing_iters, trace)
         with torch.autocast(u.device.type, enabled=False):
             return dynamic_routing(self.predictions(u.float()), self.routing_iters, trace)
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")  # where autocast exists (not "meta": `capsx summary`'s shapes)
 
 
 class CapsNet(nn.Module):

@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from capsx.atomic import replacing
+
 BACKGROUND = 40  # grey between tiles, so black tiles (dead channels) stay visible
 PAGE = 255  # white: captions, labels and the unused cells of a grid
 RED = (230, 60, 50)
@@ -358,6 +360,7 @@ def with_colour_bar(image: np.ndarray | Picture, low: float, high: float, label:
 
 
 def save_png(image: np.ndarray, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    """Written whole or not at all (the next epoch's picture replaces this one while the UI may read it)."""
+    with replacing(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
     return path

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from capsx.atomic import replacing
 from capsx.errors import CapsxError
 
 DONE = "capsx-tracking-done "  # the child's last stdout line: this, then how many calls it applied
@@ -51,7 +52,8 @@ class TrackerProcess:
 
     def log_image(self, image: np.ndarray, key: str, step: int = 0) -> None:
         path = Path(self._scratch.name) / f"{self._sent}.npy"
-        np.save(path, image)  # exact: the child logs the very array
+        with replacing(path) as f:  # exact: the child logs the very array, and never half of it
+            np.save(f, image)
         self._send({"op": "image", "path": str(path), "key": key, "step": step})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

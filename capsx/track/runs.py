@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from capsx.atomic import write_text
 from capsx.errors import CapsxError
 
 
@@ -25,12 +26,9 @@ class RunInfo:
 
     def save(self, run_dir: Path) -> None:
         """Written beside, then renamed into place, as checkpoints are: never half a file."""
-        tmp = run_dir / f".run.json.{os.getpid()}.tmp"
         try:
-            tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-            os.replace(tmp, run_dir / "run.json")
+            write_text(run_dir / "run.json", json.dumps(asdict(self), indent=2) + "\n")
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise CapsxError(f"{run_dir}: cannot write run.json ({e.strerror or e})") from None
 
 
@@ -61,7 +59,13 @@ def _safe(name: str) -> str:
 
 
 def read_run_info(run_dir: Path) -> RunInfo:
-    return RunInfo(**json.loads((run_dir / "run.json").read_text()))
+    """The run's run.json; one that cannot be read as capsx writes it is one CapsxError naming it."""
+    path = run_dir / "run.json"
+    try:
+        return RunInfo(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise CapsxError(f"{path}: not a run.json capsx wrote ({type(e).__name__}: {str(e)[:120]}); "
+                         "the run's checkpoints are still usable by path") from None
 
 
 def is_run_id(ref: str) -> bool:
@@ -82,7 +86,7 @@ def find_run_dir(runs_dir: Path, ref: str, *, which: str = "best") -> Path | Non
         for p in infos:
             try:
                 info = read_run_info(p.parent)
-            except (OSError, ValueError, TypeError):
+            except CapsxError:
                 continue
             if which == "last" or any((p.parent / "checkpoints" / n).is_file() for n in ("best.pt", "last.pt")):
                 candidates.append((info.started, p.stat().st_mtime, p.parent))

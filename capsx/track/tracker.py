@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from capsx.atomic import replacing, write_text
 from capsx.errors import CapsxError
 from capsx.schema import flatten
 
@@ -245,7 +246,11 @@ class Tracker:
         path = self.buffer_path
         if path is None or not path.is_file():
             return 0
-        return sum(1 for line in path.read_text().splitlines() if line.strip())
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            return len(_buffered_calls(path, lines))  # not a last line a kill cut short
+        except CapsxError:
+            return len(lines)  # `flush` will name the bad line
 
     def _submit(self, op: str, args: dict[str, Any], image: np.ndarray | None = None) -> None:
         waiting = self.pending() > 0
@@ -269,15 +274,20 @@ class Tracker:
             return 0
         self._last_attempt = time.monotonic()
         lines = [line for line in path.read_text().splitlines() if line.strip()]
+        entries = _buffered_calls(path, lines)
+        lines = lines[:len(entries)]  # a last line cut short by a kill is dropped with the call it was
         sent = 0
-        for line in lines:
-            entry = json.loads(line)
+        for entry in entries:
             image = None
             if "image_file" in entry:
                 from PIL import Image
 
-                with Image.open(entry["image_file"]) as im:
-                    image = np.asarray(im)
+                try:
+                    with Image.open(entry["image_file"]) as im:
+                        image = np.asarray(im)
+                except OSError as e:
+                    raise CapsxError(f"{path}: the picture of a buffered {entry['op']} call cannot be read "
+                                     f"({e}); delete that line to send the rest") from None
             try:
                 self._apply(entry["op"], entry["args"], image)
             except Exception:
@@ -285,9 +295,7 @@ class Tracker:
             sent += 1
         rest = lines[sent:]
         if rest:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in rest))
-            os.replace(tmp, path)
+            write_text(path, "".join(line + "\n" for line in rest))
         else:
             path.unlink()
             shutil.rmtree(path.parent / "tracking_buffer_images", ignore_errors=True)
@@ -296,6 +304,7 @@ class Tracker:
         return len(rest)
 
     def _buffer(self, op: str, args: dict[str, Any], image: np.ndarray | None) -> None:
+        """Append one call (a line, flushed to the disk): a kill can cut only the line being written."""
         path = self.buffer_path
         assert path is not None
         entry: dict[str, Any] = {"op": op, "args": args}
@@ -305,7 +314,8 @@ class Tracker:
             folder = path.parent / "tracking_buffer_images"
             folder.mkdir(parents=True, exist_ok=True)
             file = folder / f"{time.time_ns()}.png"
-            Image.fromarray(image).save(file)
+            with replacing(file) as f:  # whole before the line that names it is written
+                Image.fromarray(image).save(f, format="PNG")
             entry["image_file"] = str(file)
         with path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -404,3 +414,22 @@ def parent_run_id(uri: str, run_id: str) -> str | None:
         return client.get_run(run_id).data.tags.get("mlflow.parentRunId")
     except Exception:
         return None
+
+
+def _buffered_calls(path: Path, lines: list[str]) -> list[dict[str, Any]]:
+    """The buffer's calls, one JSON object a line. The last line may be cut short (the process was
+    killed while appending it): that call is dropped. Any other line that is not a call is an error."""
+    calls = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("op"), str) and isinstance(entry.get("args"), dict):
+            calls.append(entry)
+        elif number == len(lines):
+            break
+        else:
+            raise CapsxError(f"{path}: line {number} is not a tracking call capsx wrote; fix or delete it "
+                             "to send the rest")
+    return calls

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from capsx.atomic import replacing
 from capsx.errors import RunError
 from capsx.train.state import TrainState
 
@@ -25,25 +24,13 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     """Write to a temp file beside `path`, then rename: a kill mid-write leaves the old file intact.
     A write that fails (a full disk, a file-size limit) is a RunError saying so; the old file stays."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise RunError(f"{path}: cannot write the checkpoint ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with replacing(path, durable=True) as f:
             torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
-        Path(tmp).unlink(missing_ok=True)
         kept = f"the previous {path.name} is kept" if path.is_file() else f"no {path.name} was written"
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:160]
         raise RunError(f"{path}: could not write the checkpoint ({reason}); {kept}; free some disk space "
                        "and --resume") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
