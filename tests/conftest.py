@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import resource
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +181,17 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(autouse=True)
 def _seed_and_threads() -> None:
     torch.manual_seed(0)
+
+
+@contextmanager
+def address_space_cap(extra: int):
+    """RLIMIT_AS (soft) at what the process holds now plus `extra`, restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    status = Path("/proc/self/status").read_text().splitlines()
+    held = int(next(line for line in status if line.startswith("VmSize")).split()[1]) * 1024
+    cap = held + extra if hard == resource.RLIM_INFINITY else min(hard, held + extra)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

@@ -3,11 +3,13 @@ listening on a free port of 127.0.0.1 only, trust authentication, stopped and de
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.mlflow_server import free_port
@@ -26,6 +28,10 @@ def binaries() -> Path | None:
 
 def why_not() -> str | None:
     """Why no PostgreSQL can be started here, or None if one can."""
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None:
+        return "psycopg is not installed: pip install 'capsx[postgres]'"
     if binaries() is None:
         return "PostgreSQL is not installed: apt-get install postgresql (make test does, where root apt-get can)"
     if os.geteuid() == 0:
@@ -69,3 +75,17 @@ class Postgres:
         if (self.data / "postmaster.pid").exists():
             self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def database_or_none() -> Iterator[Postgres | None]:
+    """A started PostgreSQL where one can be started here (the team server's database: the harder
+    case for the server tests), else None (they run on the server's SQLite store)."""
+    db = Postgres() if why_not() is None else None
+    if db is not None:
+        db.start()
+    try:
+        yield db
+    finally:
+        if db is not None:
+            db.stop()

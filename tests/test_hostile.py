@@ -7,8 +7,6 @@ machine), and must end with its exit code and one `error:` line holding the word
 from __future__ import annotations
 
 import os
-import resource
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from capsx.cli import app
-from tests.conftest import tiny_recipe
+from tests.conftest import address_space_cap, tiny_recipe
 from tests.test_bad_input import prepared  # noqa: F401  (the crafted checkpoints and files: a fixture)
 
 runner = CliRunner()
@@ -102,20 +100,6 @@ HOSTILE = [
 ]
 
 
-@contextmanager
-def _address_space_cap(extra: int):
-    """RLIMIT_AS (soft) at what the process holds now plus `extra`, restored after."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    status = Path("/proc/self/status").read_text().splitlines()
-    held = int(next(line for line in status if line.startswith("VmSize")).split()[1]) * 1024
-    cap = held + extra if hard == resource.RLIM_INFINITY else min(hard, held + extra)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
 def _own_files(folder: Path) -> None:
     """The files the cases above name under {own}."""
     import torch
@@ -159,7 +143,7 @@ def test_hostile_input(prepared: Path, own: Path, tmp_path, monkeypatch, name, t
     if text is not None:
         recipe.write_text(text)
     argv = [a.replace("{r}", str(recipe)).replace("{tmp}", str(prepared)).replace("{own}", str(own)) for a in args]
-    with _address_space_cap(CAP):
+    with address_space_cap(CAP):
         res = runner.invoke(app, argv)
     out = res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), (name, out, repr(res.exception))

@@ -1,5 +1,7 @@
 """A shared tracking server: `capsx server` for real, a training against it, and everything read back
-over MLflow's REST API (params, team tags, per-epoch metrics, an image, the checkpoint artifact)."""
+over MLflow's REST API (params, team tags, per-epoch metrics, an image, the checkpoint artifact).
+The server's database is a real PostgreSQL where one can be started here (tests/postgres.py: Debian's
+binaries, `initdb` into a temporary folder), else its SQLite store."""
 
 import importlib.util
 import io
@@ -13,10 +15,24 @@ from typer.testing import CliRunner
 from capsx.cli import app
 from tests.conftest import tiny_recipe
 from tests.mlflow_server import Server, free_port, rest_get, rest_post
+from tests.postgres import Postgres, database_or_none, why_not
 
 
-def test_a_run_on_the_shared_server_reads_back_over_rest(workdir):
-    srv = Server(workdir / "server", free_port())
+def _rows(db: Postgres, table: str) -> int:
+    import psycopg
+
+    with psycopg.connect(db.uri) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+@pytest.fixture
+def database():
+    with database_or_none() as db:
+        yield db
+
+
+def test_a_run_on_the_shared_server_reads_back_over_rest(workdir, database):
+    srv = Server(workdir / "server", free_port(), backend=database.uri if database else None)
     srv.start()
     try:
         recipe = workdir / "r.yaml"
@@ -56,6 +72,8 @@ def test_a_run_on_the_shared_server_reads_back_over_rest(workdir):
         (local,) = workdir.glob(f"runs/tiny/{run_id}/checkpoints/best.pt")  # the very weights training wrote
         saved = torch.load(local, weights_only=True)["model"]
         assert all(torch.equal(payload["model"][k], saved[k]) for k in saved)
+        if database is not None:  # it is PostgreSQL that holds the run
+            assert _rows(database, "runs") == 1 and _rows(database, "metrics") > 20
     finally:
         srv.stop()
 
@@ -75,3 +93,15 @@ def test_a_database_backend_without_its_driver_is_one_line_saying_what_to_instal
     assert res.exit_code == 2 and res.output.strip().splitlines() == [
         f"error: --backend-store-uri {shown}: needs the Python driver {driver!r}, which is not installed; {hint}"]
     assert not (tmp_path / "srv").exists()  # refused before anything was made
+
+
+@pytest.mark.skipif(why_not() is not None, reason=f"the server tests run on SQLite here: {why_not()}")
+def test_a_throwaway_postgresql_starts_answers_and_is_gone_after():
+    with database_or_none() as db:
+        assert db is not None
+        import psycopg
+
+        with psycopg.connect(db.uri) as conn:
+            assert conn.execute("SELECT 1 + 1").fetchone()[0] == 2
+        root = db.root
+    assert not root.exists()

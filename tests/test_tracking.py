@@ -26,20 +26,13 @@ BIN = Path(sys.executable).parent
 def server(tmp_path):
     """`capsx server` on a real PostgreSQL where one can be started here (the team server's database:
     the harder case), else on its SQLite store."""
-    import importlib.util
+    from tests.postgres import database_or_none
 
-    from tests import postgres
-
-    db = None
-    if postgres.why_not() is None and importlib.util.find_spec("psycopg") is not None:
-        db = postgres.Postgres()
-        db.start()
-    srv = Server(tmp_path / "server", free_port(), backend=db.uri if db else None)
-    srv.start()
-    yield srv
-    srv.stop()
-    if db is not None:
-        db.stop()
+    with database_or_none() as db:
+        srv = Server(tmp_path / "server", free_port(), backend=db.uri if db else None)
+        srv.start()
+        yield srv
+        srv.stop()
 
 
 class _StopServerAt:

@@ -137,11 +137,12 @@ def _accuracies(t: TrainedRun, out: Gallery, spec: SweepSpec, images: int | None
     test = t.test_set()
     if images is not None:
         test = test.subset(images)
+    test = test.to(t.device)  # once: each value's warp then runs where the model does (a GPU's, not the CPU)
     accuracies = []
     precision = eval_precision(t.recipe.train.precision, t.device)
     for i, value in enumerate(spec.values):
         moved = transformed(test, spec.name, value)
-        result = evaluate(t.model, Batches(moved.to(t.device), t.recipe.data.eval_batch_size), t.recipe.loss_config,
+        result = evaluate(t.model, Batches(moved, t.recipe.data.eval_batch_size), t.recipe.loss_config,
                           precision=precision, device=t.device, classes=t.classes)
         accuracies.append(result.accuracy)
         out.tracker.log_metrics({f"sweep/{spec.name}/acc": result.accuracy, f"sweep/{spec.name}/value": value},
