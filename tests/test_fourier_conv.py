@@ -97,7 +97,9 @@ def test_bf16_autocast_runs_the_fourier_path_in_bf16_within_bf16_error(monkeypat
     def rel(y):
         return ((y.double() - exact).norm() / exact.norm()).item()
 
-    assert rel(got) < 1e-2 and rel(direct) < 1e-2  # both at bf16's ~3 significant digits
+    # measured: 4.1e-3 against oneDNN's 2.75e-3 on an AVX2 CPU (at either kernel class), 4.8e-3 against
+    # 2.8e-3 on an AVX-512 one: the frequency-domain path within 2x of the direct bf16 conv's own error
+    assert rel(got) < 6e-3 and rel(direct) < 4e-3 and rel(got) < 2 * rel(direct)
 
 
 def test_chunked_inference_equals_one_pass(monkeypatch):
