@@ -24,17 +24,8 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes_the_same_run(workdir):
         data={"name": "shapes", "train_size": 960, "test_size": 64, "batch_size": 16},
         train={"epochs": 2, "log_every": 10}, name="long")))
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.Popen([CAPSX, "train", str(recipe)], cwd=workdir, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:  # wait until training is under way
-        lines.append(line)
-        if "step" in line and "epoch 1/2" in line:
-            break
-    proc.send_signal(signal.SIGINT)
-    out = "".join(lines) + proc.stdout.read()
-    assert proc.wait(timeout=120) == 130, out
+    code, out = _signal_after([CAPSX, "train", str(recipe)], workdir, "epoch 1/2 step", signal.SIGINT)
+    assert code == 130, out
     assert "interrupted by SIGINT" in out and "capsx train --resume" in out, out
     assert "Traceback" not in out
     last = next(workdir.glob("runs/long/*/checkpoints/last.pt"))
@@ -61,17 +52,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_exits_143(workdir):
     recipe.write_text(yaml.safe_dump(tiny_recipe(
         data={"name": "shapes", "train_size": 2400, "test_size": 64, "batch_size": 16},
         train={"epochs": 2, "log_every": 10}, name="long")))
-    proc = subprocess.Popen([CAPSX, "train", str(recipe), "--no-track"], cwd=workdir, text=True,
-                            env={**os.environ, "COLUMNS": "200"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "step" in line and "epoch 1/2" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    out = "".join(lines) + proc.stdout.read()
-    assert proc.wait(timeout=120) == 143, out
+    code, out = _signal_after([CAPSX, "train", str(recipe), "--no-track"], workdir, "epoch 1/2 step", signal.SIGTERM)
+    assert code == 143, out
     assert "interrupted by SIGTERM" in out and "capsx train --resume" in out and "Traceback" not in out, out
     (last,) = workdir.glob("runs/long/*/checkpoints/last.pt")
     from capsx.train.checkpoint import load_checkpoint
@@ -110,8 +92,9 @@ def _readable_or_absent(runs: Path) -> int:
     return checked
 
 
-def _kill_after(cmd: list[str], cwd: Path, after: str, delay: float) -> str:
-    """Start `cmd`, wait for a line containing `after`, then `delay` seconds, then SIGKILL it."""
+def _signal_after(cmd: list[str], cwd: Path, after: str, sig: int, delay: float = 0.0) -> tuple[int, str]:
+    """Start `cmd`, wait for a line containing `after`, then `delay` seconds, then send it `sig`;
+    its exit code and everything it printed."""
     proc = subprocess.Popen(cmd, cwd=cwd, text=True, env={**os.environ, "COLUMNS": "200"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
@@ -121,9 +104,14 @@ def _kill_after(cmd: list[str], cwd: Path, after: str, delay: float) -> str:
         if after in line:
             break
     time.sleep(delay)
-    proc.kill()
-    proc.wait(timeout=60)
-    return "".join(out)
+    proc.send_signal(sig)
+    out.append(proc.stdout.read())
+    return proc.wait(timeout=120), "".join(out)
+
+
+def _kill_after(cmd: list[str], cwd: Path, after: str, delay: float) -> str:
+    """`_signal_after` with SIGKILL: no handler runs, what is on disk is all there is."""
+    return _signal_after(cmd, cwd, after, signal.SIGKILL, delay)[1]
 
 
 def test_sigkill_at_random_moments_loses_at_most_the_epoch_and_resume_ends_as_if_never_killed(workdir):
