@@ -69,7 +69,7 @@ def check_rows(numbers: list[PaperNumber], dataset: str, error: float, models: i
     chosen = [n for n in on_set if n.models == models]
     if not chosen:
         n = on_set[0]
-        how = ("one model" if n.models == 1 else
+        how = ("one model: check each run alone, `capsx eval RUN --check` (without --ensemble)" if n.models == 1 else
                f"an ensemble of {n.models} models: train with --seeds (one per model) and check with "
                "`capsx eval PARENT_RUN --ensemble --check`")
         raise CapsxError(f"--check: the paper's {dataset!r} number ({n.value:g}%, {n.source}) is {how}, "

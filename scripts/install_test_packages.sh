@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make test`'s set-up for the tests that drive real outside programs: Debian's chromium (which Playwright
-# drives in tests/test_ui_browser.py; it downloads no browser of its own) and Debian's postgresql (the team
+# drives in tests/test_ui.py; it downloads no browser of its own) and Debian's postgresql (the team
 # server's database in tests/test_server.py and test_tracking.py). Installed only where they can be (root, apt-get), in one
 # apt-get call; elsewhere those tests skip, saying so. Never fails the suite.
 missing=()

@@ -1,5 +1,6 @@
 """The CLI end to end: train into a real MLflow SQLite store in a temp dir, read it back, eval, errors."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,7 @@ def test_train_then_eval_into_a_real_mlflow_store(workdir, tiny_mnist):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2], key
     assert len(client.get_metric_history(run.info.run_id, "train/step_loss")) == 2 * 8 // 2  # 256/32 = 8 steps/epoch
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/step_lr")] == [2, 4, 6, 8, 10, 12, 14, 16]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"recipe.yaml", "checkpoints", "test"} <= artifacts
     ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
@@ -76,6 +78,13 @@ def test_train_then_eval_into_a_real_mlflow_store(workdir, tiny_mnist):
     assert len(eval_error) == 1 and eval_error[0].step == best.step
     assert eval_error[0].value == pytest.approx(best.value, abs=1e-12)
     assert len(client.get_metric_history(run.info.run_id, "eval/acc_class/3")) == 1
+    # the confusion matrices, training's final epoch and eval's best.pt: 64 test images, rows true classes
+    for name, expected in (("test/confusion_matrix.json", test_error[-1]), ("eval/confusion_matrix.json", best)):
+        matrix = json.loads(Path(client.download_artifacts(run.info.run_id, name, str(workdir / "dl"))).read_text())
+        rows = torch.tensor(matrix["rows_true_columns_predicted"])
+        assert matrix["classes"] == [str(k) for k in range(10)] and rows.shape == (10, 10), name
+        assert int(rows.sum()) == 64 and 1 - rows.trace().item() / 64 == pytest.approx(expected.value), name
+        assert matrix["error"] == pytest.approx(expected.value, abs=1e-12), name
 
     # by run id, and by checkpoint path (last.pt: the final epoch), without logging: the errors training logged
     final = test_error[-1]

@@ -87,6 +87,31 @@ def test_svhn_reads_the_mat_files_and_maps_label_10_to_0(tmp_path):
     assert np.array_equal(splits.train.images[7].numpy(), X[:, :, :, 7].transpose(2, 0, 1))  # (H, W, C, N) -> CHW
 
 
+@pytest.mark.parametrize("name", ["cifar10", "svhn"])
+def test_a_test_image_copied_from_the_train_split_is_refused(tmp_path, name):
+    """The train/test disjointness check of the MNIST-format sets, on CIFAR-10's pickles and SVHN's .mat
+    files: two test images made pixel copies of train images is an error counting them."""
+    from scipy.io import loadmat, savemat
+
+    if name == "cifar10":
+        root = write_cifar10(tmp_path)
+        folder = root / "cifar-10-batches-py"
+        train = pickle.loads((folder / "data_batch_3").read_bytes())
+        test = pickle.loads((folder / "test_batch").read_bytes())
+        test["data"][[4, 9]] = train["data"][[0, 5]]
+        (folder / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
+        config, label = CIFAR10Config(), "CIFAR-10"
+    else:
+        root = write_svhn(tmp_path)
+        folder = root / "svhn"
+        train, test = (loadmat(str(folder / f"{s}_32x32.mat")) for s in ("train", "test"))
+        test["X"][..., [4, 9]] = train["X"][..., [0, 5]]
+        savemat(folder / "test_32x32.mat", {"X": test["X"], "y": test["y"]})
+        config, label = SVHNConfig(), "SVHN"
+    with pytest.raises(DataError, match=rf"^{label} in .*: 2 of 40 test image\(s\) also appear in the train split"):
+        config.load_splits(root)
+
+
 def test_svhn_missing_files_name_them_the_folder_and_the_flag(tmp_path):
     with pytest.raises(DataError) as e:
         SVHNConfig().load_splits(tmp_path)
@@ -308,8 +333,14 @@ def test_cli_trains_on_each_data_set_into_mlflow(workdir, writer, data, model, s
     test_error = client.get_metric_history(run.info.run_id, "test/error")
     test_acc = client.get_metric_history(run.info.run_id, "test/acc")
     assert len(test_error) == 1 and test_error[0].value == pytest.approx(1 - test_acc[0].value, abs=1e-12)
-    if model["name"] == "capsnet":
+    logged = set(run.data.metrics)
+    assert {"train/loss", "train/acc"} <= logged
+    if model["name"] == "capsnet":  # margin + weighted reconstruction; a CNN's one cross-entropy
+        assert {"train/margin_loss", "train/recon_loss"} <= logged and "train/ce_loss" not in logged
         assert client.get_metric_history(run.info.run_id, "train/recon_loss")  # the decoder rebuilt C x H x W
+    else:
+        assert "train/ce_loss" in logged and not logged & {"train/margin_loss", "train/recon_loss"}
+        assert run.data.metrics["train/ce_loss"] == pytest.approx(run.data.metrics["train/loss"], rel=1e-6)
     if data["name"] != "svhn" and model["name"] == "capsnet":  # pictures of 3 channels + none of the above, 2 channels
         pictures = next(workdir.glob("runs/tiny/*/pictures"))
         for name in ("routing_couplings.png", "recon_test.png"):

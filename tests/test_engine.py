@@ -162,6 +162,22 @@ def test_the_memory_probe_runs_in_the_trainings_precision_and_adds_what_it_canno
     assert plus.memory.fixed - got.memory.fixed > 0.9 * 10**9  # the buckets are counted (the rest is noise)
 
 
+def test_the_memory_probe_leaves_weights_and_batch_norm_statistics_as_they_were():
+    """Its two random batches run in training mode: without care they would move a batch norm's running
+    averages (a pretrained model's, or a resumed run's, which would then not continue exactly)."""
+    from capsx.models import MODELS, build_model
+    from capsx.train import memory
+
+    torch.manual_seed(0)
+    model = build_model(MODELS.get("resnet18").model_validate({"name": "resnet18"}), (1, 28, 28), 10).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    memory.probe(model, CrossEntropyConfig(), (1, 28, 28), "adam", torch.device("cpu"))
+    assert not model.training
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), [k for k, v in before.items()
+                                                                      if not torch.equal(after[k], v)][:3]
+
+
 # Not in the `numerics` rerun: under ATEN_CPU_CAPABILITY=default, torch 2.14.1's inductor still emits
 # vectorised C++ (at::vec) without its headers and fails to compile; a torch limitation, not capsx's.
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),

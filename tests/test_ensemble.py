@@ -131,3 +131,43 @@ def test_an_ensemble_needs_two_models_answering_the_same_question(workdir, tiny_
     res = invoke("eval", *ids, "--ensemble", "--data-root", tiny_mnist)
     assert res.exit_code == 2 and "data set mnist" in res.output and "must answer the same question" in res.output
     assert "Traceback" not in res.output
+
+
+def test_a_capsnet_and_a_cnn_mix_and_runs_without_a_common_parent_are_printed_not_logged(workdir):
+    """`eval A B` evaluates each run on its own (each logs its own eval/error); `eval A B --ensemble` of a
+    CapsNet (lengths as they are) and a CNN (softmax) matches the plain recomputation, and with no common
+    parent run logs nothing anywhere. `--check` of that two-model ensemble against a one-model number is
+    refused, saying what to run."""
+    ids, probs, labels = [], [], None
+    for name, model in (("caps", None), ("cnn", CNN)):
+        path = workdir / f"{name}.yaml"
+        recipe = tiny_recipe(model=model, name=name,
+                             paper=[{"metric": "error", "value": 50, "band": [0, 100], "source": "one model"}])
+        path.write_text(yaml.safe_dump(recipe))
+        assert invoke("train", path).exit_code == 0
+        run_dir = next((workdir / "runs" / name).glob("*/run.json")).parent
+        ids.append(run_dir.name)
+        rec, model_ = load_model(Checkpoint.read(run_dir / "checkpoints" / "best.pt"), torch.device("cpu"))
+        test = rec.data.load_splits(workdir).test
+        with torch.no_grad():
+            out = model_.eval()(test.images.float() / 255)
+        probs.append(out.scores if name == "caps" else torch.softmax(out.scores, dim=1))
+        labels = test.labels
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/runs/mlflow.db")
+
+    res = invoke("eval", *ids)
+    assert res.exit_code == 0, res.output
+    assert res.output.count("confusion matrix") == 2
+    for run_id in ids:
+        assert len(client.get_metric_history(run_id, "eval/error")) == 1, run_id
+
+    res = invoke("eval", *ids, "--ensemble")
+    assert res.exit_code == 0, res.output
+    expected = (torch.stack(probs).mean(0).argmax(1) != labels).float().mean().item()
+    assert f"{100 * expected:.2f}%" in res.output and "not logged: the runs are not the seeds" in res.output
+    for run_id in ids:
+        assert not any(k.startswith("ensemble/") for k in client.get_run(run_id).data.metrics), run_id
+
+    res = invoke("eval", *ids, "--ensemble", "--check")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "is one model: check each run alone, `capsx eval RUN --check` (without --ensemble)" in res.output

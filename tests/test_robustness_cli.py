@@ -124,7 +124,7 @@ def test_paper_check_passes_inside_the_band_and_exits_1_outside(trained):
 
 def test_train_with_seeds_nests_a_run_per_seed_and_logs_mean_and_std(workdir):
     recipe = workdir / "seeds.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(model=CNN)))
+    recipe.write_text(yaml.safe_dump(tiny_recipe(model=CNN, train={"epochs": 3, "seed": 0})))
     res = invoke("train", recipe, "--seeds", "0,1")
     assert res.exit_code == 0, res.output
     assert "2 seeds" in res.output and "mean +- std over 2 seeds" in res.output
@@ -146,6 +146,11 @@ def test_train_with_seeds_nests_a_run_per_seed_and_logs_mean_and_std(workdir):
     assert parent.data.metrics["seeds/test_error_mean"] == pytest.approx(mean, abs=1e-12)
     assert parent.data.metrics["seeds/test_error_std"] == pytest.approx(std, abs=1e-12)
     assert parent.data.metrics["seeds/count"] == 2
+    bests = [min(m.value for m in client.get_metric_history(c.info.run_id, "test/error")) for c in children]
+    best_mean = sum(bests) / 2
+    assert parent.data.metrics["seeds/best_test_error_mean"] == pytest.approx(best_mean, abs=1e-12)
+    assert parent.data.metrics["seeds/best_test_error_std"] == pytest.approx(
+        math.sqrt(sum((x - best_mean) ** 2 for x in bests)), abs=1e-12)
     assert f"{100 * mean:.2f}% +- {100 * std:.2f}" in res.output
     # the two seeds really trained differently: their losses (not their timings) differ
     assert len({c.data.metrics["train/loss"] for c in children}) == 2

@@ -88,7 +88,8 @@ def test_fine_tune_from_a_torchvision_state_dict_freezing_by_name(workdir):
     tv = torchvision.models.resnet18(weights=None, num_classes=10)
     tv.conv1 = torch.nn.Conv2d(1, 64, 7, stride=2, padding=3, bias=False)  # a grey-image resnet18
     weights = workdir / "resnet18-grey.pth"
-    torch.save(tv.state_dict(), weights)
+    extra = {"aux_head.weight": torch.zeros(3, 512), "aux_head.bias": torch.zeros(3)}  # no use to the model
+    torch.save({**tv.state_dict(), **extra}, weights)
     model = {"name": "resnet18", "pretrained": str(weights), "freeze": ["conv1", "bn1", "layer1"],
              "head": "replace"}
     res = _train(workdir / "r.yaml", tiny_recipe(data={**SHAPES, "train_size": 32, "test_size": 16}, model=model,
@@ -101,6 +102,14 @@ def test_fine_tune_from_a_torchvision_state_dict_freezing_by_name(workdir):
     for key in ("layer2.0.conv1.weight", "layer4.1.bn2.weight"):
         assert not torch.equal(tuned[key], source[key]), key
     assert tuned["fc.weight"].shape == (6, 512)
+    # frozen batch norm keeps its parameters but, in training mode, still moves its running averages
+    for bn in ("bn1", "layer1.0.bn1"):
+        assert torch.equal(tuned[f"{bn}.weight"], source[f"{bn}.weight"]), bn
+        assert not torch.equal(tuned[f"{bn}.running_mean"], source[f"{bn}.running_mean"]), bn
+        assert tuned[f"{bn}.num_batches_tracked"] == source[f"{bn}.num_batches_tracked"] + 2, bn  # 32 / 16
+    tags = _run(workdir, "tv").data.tags
+    assert int(tags["model.pretrained_tensors"]) == len(source) - 2  # all but the replaced fc's two
+    assert int(tags["model.pretrained_unused"]) == 2  # the file's aux_head.*
 
 
 def _setup(model_cfg: dict, shape=(1, 28, 28), classes=6):

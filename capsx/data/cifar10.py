@@ -13,6 +13,7 @@ import torch
 from capsx.data.config import DataConfig, register_dataset
 from capsx.data.files import reading, require_files
 from capsx.data.imageset import DataSplits, ImageSet
+from capsx.data.integrity import check_disjoint
 from capsx.errors import DataError
 
 FOLDER = "cifar-10-batches-py"
@@ -67,4 +68,5 @@ class CIFAR10Config(DataConfig):
                 raise DataError(f"CIFAR-10 files in {folder}: {len(images)} images, {len(labels)} labels "
                                 "(expected as many labels, each 0..9)")
             splits.append(ImageSet(images=images, labels=labels))
+        check_disjoint("CIFAR-10", [folder / f for f in FILES], splits[0].images, splits[1].images)
         return DataSplits(train=splits[0], test=splits[1], classes=self.classes)

@@ -14,6 +14,7 @@ import torch
 from capsx.data.config import DataConfig, register_dataset
 from capsx.data.files import reading, require_files
 from capsx.data.imageset import DataSplits, ImageSet
+from capsx.data.integrity import check_disjoint
 from capsx.errors import DataError
 
 FOLDER = "svhn"
@@ -61,4 +62,5 @@ class SVHNConfig(DataConfig):
             if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < 10:
                 raise DataError(f"SVHN {split}_32x32.mat in {folder}: labels outside 1..10")
             splits.append(ImageSet(images=images, labels=labels))
+        check_disjoint("SVHN", [folder / f for f in FILES], splits[0].images, splits[1].images)
         return DataSplits(train=splits[0], test=splits[1], classes=self.classes)

@@ -132,7 +132,7 @@ def _generators(device: torch.device) -> list[int]:
 
 def probe(model: nn.Module, criterion: object, input_shape: tuple[int, int, int], optimizer: str,
           device: torch.device, objects: int = 1, precision: str = "fp32", beside: int = 0) -> Probe:
-    """Take the two probe steps (weights untouched, every RNG it draws from as it was: the CPU's and,
+    """Take the two probe steps (weights and buffers untouched, every RNG it draws from as it was: the CPU's and,
     on CUDA, the device's, which a resume has already restored), reading memory and time, in the
     training's precision. `beside`: bytes the training will hold that the probe does not allocate
     (data-parallel training's gradient buckets)."""
@@ -140,6 +140,7 @@ def probe(model: nn.Module, criterion: object, input_shape: tuple[int, int, int]
     if readers is not None:
         readers[0]()
     was_training = model.training
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # batch norm's running statistics
     model.train()
     peaks, seconds = [], []
     try:
@@ -157,6 +158,9 @@ def probe(model: nn.Module, criterion: object, input_shape: tuple[int, int, int]
                     peaks.append(readers[1]())
     finally:
         model.train(was_training)
+        with torch.no_grad():  # the random batches must not move the running averages a model normalises with
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
     timed = (seconds[0], seconds[1])
     if readers is None:
         return Probe(None, timed)
