@@ -17,7 +17,7 @@ from capsx import __version__
 from capsx.errors import CapsxError
 
 # Click's usage error, as the Click copy inside Typer defines it (typer.BadParameter is one)
-UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+UsageError: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 class _OneLineUsageErrors(TyperGroup):
