@@ -40,6 +40,27 @@ def test_every_shipped_recipe_opens_with_a_comment_header(path):
     assert header.startswith("# ") and len(header) > 20, f"{path.name}: say what it is in a comment first"
 
 
+def test_the_readmes_table_of_paper_numbers_is_the_recipes_own():
+    """Every `paper:` entry of every recipe is a row of the README's table, and every row an entry."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| recipe | metric | test set | paper | band | models |"):]
+    table = table[:table.index("\n\n")]
+    rows = set()
+    for line in table.splitlines()[2:]:
+        stem, metric, dataset, value, band, models = (c.strip().strip("`") for c in line.strip("|").split("|"))
+        low, high = band.split("-")
+        rows.add((stem, metric, dataset, float(value), float(low), float(high), int(models)))
+    assert re.search(r"\| `mnist-capsnet` \| error \| test \| 0\.25 \|", table)  # the parse read the table
+    entries = set()
+    for path in RECIPES:
+        recipe = load_recipe(path)
+        for n in recipe.paper:
+            entries.add((path.stem, n.metric, n.dataset, n.value, n.band[0], n.band[1], n.models))
+    assert rows == entries, (rows - entries, entries - rows)
+
+
 def test_paper_variant_recipes_hold_the_paper_settings():
     def caps_input(stem):
         r = load_recipe(REPO / "recipes" / f"{stem}.yaml")

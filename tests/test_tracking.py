@@ -93,6 +93,47 @@ def test_sync_says_when_there_is_nothing_or_the_store_is_still_down(tmp_path):
     assert res.exit_code == 2 and "not a run directory" in res.output
 
 
+def test_sync_tracking_uri_sends_the_buffer_to_the_store_where_it_is_now(tmp_path):
+    """The run's store moved (its server was down, then came back elsewhere): `sync --tracking-uri`
+    replays the buffer there instead of the address run.json names."""
+    store = f"sqlite:///{tmp_path}/moved.db"
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(f'{{"run_id": "{run_id}", "experiment": "e", "recipe": "r", '
+                                      f'"tracking_uri": "http://127.0.0.1:{free_port()}", "started": 0}}')
+    (run_dir / BUFFER_FILE).write_text('{"op": "tags", "args": {"items": [["where", "moved"]]}}\n')
+    res = CliRunner().invoke(app, ["sync", str(run_dir)])
+    assert res.exit_code == 1 and "still does not answer" in res.output
+    res = CliRunner().invoke(app, ["sync", str(run_dir), "--tracking-uri", store])
+    assert res.exit_code == 0 and "sent 1 of 1" in res.output, res.output
+    assert client.get_run(run_id).data.tags["where"] == "moved" and not (run_dir / BUFFER_FILE).exists()
+
+
+def test_mlflow_http_retries_are_lowered_unless_the_user_set_them(monkeypatch):
+    """A dead server should cost seconds (capsx buffers), not MLflow's default minutes of retries;
+    a variable the user set wins."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
+
+    from capsx.track.tracker import _quiet_mlflow
+
+    for var in (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_TIMEOUT):
+        monkeypatch.delenv(var.name, raising=False)
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() > 1 and MLFLOW_HTTP_REQUEST_TIMEOUT.get() > 10  # MLflow's own
+    _quiet_mlflow()
+    assert (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get()) == (1, 10)
+    assert MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 1
+    monkeypatch.setenv(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "4")
+    monkeypatch.setenv(MLFLOW_HTTP_REQUEST_TIMEOUT.name, "60")
+    _quiet_mlflow()
+    assert (MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_TIMEOUT.get()) == (4, 60)
+
+
 def test_an_unreachable_store_at_start_is_a_clear_error_before_training(workdir):
     recipe = workdir / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe()))

@@ -33,6 +33,11 @@ def ui(
     args = ["ui", "--backend-store-uri", uri]
     store = local_store_dir(uri)
     if store is not None:
+        try:  # MLflow would make it too, but with a traceback where it cannot
+            store.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CapsxError(f"{store}: cannot make the store's folder ({e.strerror or e}); expected a writable "
+                             "folder (pass --runs-dir or --tracking-uri)") from None
         args += ["--default-artifact-root", (store / "artifacts").resolve().as_uri()]
     # MLflow 3's UI opens on its GenAI pages unless told the model-training view (remembered once toggled)
     _become_mlflow(args, host, port, f"MLflow UI for {uri} at http://{host}:{port}/{TRAINING_VIEW} "
@@ -57,7 +62,11 @@ def server(
     """Start a shared MLflow tracking server; point runs at it with --tracking-uri http://HOST:PORT."""
     if backend_store_uri:
         check_database_driver(backend_store_uri)
-    store.mkdir(parents=True, exist_ok=True)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CapsxError(f"--store {store}: cannot make the folder ({e.strerror or e}); expected a writable "
+                         "folder for the server's database and artifacts") from None
     backend = backend_store_uri or f"sqlite:///{(store / 'mlflow.db').resolve()}"
     artifacts = (store / "artifacts").resolve()
     args = ["server", "--backend-store-uri", backend, "--artifacts-destination", str(artifacts)]
