@@ -141,6 +141,9 @@ def run_top_activating(t: TrainedRun, out: Gallery, *, layer: str | None, channe
                                                                            strict=True)])
     pic = canvas.caption_above(pic, [f"the {len(idx)} of {len(test)} test images that drive {name} "
                                      f"unit {channel} most (test index and score under each)"])
+    out.say(f"{name} unit {channel}, its top {len(idx)} of the first {len(test)} test images (index: score): "
+            + ", ".join(f"{i}: {v:.3f}" for i, v in zip(idx.tolist(), top.values.tolist(), strict=True)),
+            soft_wrap=True)
     out.publish(pic, f"top_{name}_{channel}.png", key=f"top_activating/{name}_{channel}")
     out.report()
 
