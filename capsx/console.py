@@ -202,7 +202,9 @@ def summary_tables(title: str, s: ModelSummary, layers: Sequence[str]) -> list[T
     for row in s.layers:
         table.add_row(row.name, row.kind, "(" + ", ".join(map(str, row.output_shape)) + ")", f"{row.params:,}")
     rows = [("total parameters", f"{s.total_params:,} ({s.total_params / 1e6:.1f}M)"),
-            ("trainable", f"{s.trainable_params:,}")]
+            ("trainable", f"{s.trainable_params:,}" + (f" ({s.total_params - s.trainable_params:,} frozen by "
+                                                        "model.freeze)" if s.trainable_params < s.total_params
+                                                        else ""))]
     if s.decoder_params:
         without = s.total_params - s.decoder_params
         rows.append(("without the decoder", f"{without:,} ({without / 1e6:.1f}M)"))

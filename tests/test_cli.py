@@ -158,6 +158,38 @@ def test_summary_prints_the_paper_totals():
     assert "35,445,522 (35.4M)" in res.output
 
 
+def test_summary_counts_the_forward_flops_by_hand_and_what_model_freeze_freezes():
+    import torch
+
+    from capsx.models import build_model
+    from capsx.recipe import load_recipe
+    from capsx.summary import summarize
+
+    r = load_recipe(REPO / "recipes" / "mnist-capsnet.yaml")
+    with torch.device("meta"):
+        model = build_model(r.model, r.data.input_shape, 10)
+    macs = (256 * 9 * 9 * 1 * 20 * 20  # conv1: 256 maps of 20x20, each output a 9x9x1 product
+            + 256 * 9 * 9 * 256 * 6 * 6  # PrimaryCaps: 32 types x 8 = 256 maps of 6x6 over 256 inputs
+            + 1152 * 10 * 8 * 16  # the votes u_hat = W_ij u_i
+            + 160 * 512 + 512 * 1024 + 1024 * 784)  # the decoder
+    routing = 3 * 2 * 1152 * 10 * 16  # 3 iterations of the weighted sum and the agreement
+    flops = summarize(model, r.data.input_shape).forward_flops
+    assert 2 * macs <= flops <= 2 * (macs + routing), flops
+    res = invoke("summary", str(REPO / "recipes" / "mnist-capsnet.yaml"))
+    assert f"{flops / 1e9:.2f} GFLOP per image" in res.output and "0.41 GFLOP" in res.output
+    assert "6: conv1, primary_caps, class_caps, decoder.0, decoder.2, decoder.4" in " ".join(
+        line.strip("│ ") for line in res.output.splitlines())
+
+    lenet = REPO / "recipes" / "mnist-lenet.yaml"
+    res = invoke("summary", str(lenet), "model.freeze=[features.0]")
+    assert res.exit_code == 0, res.output
+    with torch.device("meta"):
+        conv = build_model(load_recipe(lenet).model, (1, 28, 28), 10).features[0]
+    frozen = sum(p.numel() for p in conv.parameters())
+    total = sum(p.numel() for p in build_model(load_recipe(lenet).model, (1, 28, 28), 10).parameters())
+    assert f"{total - frozen:,} ({frozen:,} frozen by model.freeze)" in res.output
+
+
 def test_resume_by_run_id_by_run_folder_and_by_checkpoint_file_continue_the_one_run(workdir):
     """`--resume RUN_ID|PATH`: each continues the same MLflow run and run folder; the run records the
     git commit of the checkout it was started in, and its folder."""

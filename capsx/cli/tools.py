@@ -33,7 +33,7 @@ def summary(
 
     from capsx.console import console, summary_tables
     from capsx.models import build_model
-    from capsx.models.transfer import freeze_layers
+    from capsx.models.transfer import freeze_layers, prepare_transfer
     from capsx.recipe import load_recipe
     from capsx.summary import summarize
 
@@ -46,6 +46,7 @@ def summary(
         # activation, so any --input is answered at once (the same table, to the FLOP, as on the CPU)
         with torch.device("meta"):
             model = build_model(r.model, shape, num_classes, r.data.objects)
+        prepare_transfer(model, r.model, shape, num_classes, load=False)  # model.freeze, as training sets it
         layers = summarize(model, shape)
     except (ValueError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
