@@ -60,3 +60,47 @@ def test_bench_fp16_needs_cuda(workdir):
     res = CliRunner().invoke(app, ["bench", _tiny_capsnet_recipe(workdir), "--precision", "fp16", "--no-track"])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
     assert "fp16 needs --device cuda" in res.output
+
+
+def test_the_two_paths_start_from_the_same_weights_and_compute_the_same_function():
+    from capsx.jobs.bench import bench_models
+    from capsx.recipe import recipe_from_dict
+
+    torch.manual_seed(0)
+    fast, ref = bench_models(recipe_from_dict(tiny_recipe(), "t"))
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), ref.state_dict().values(), strict=True))
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = fast.eval()(x), ref.eval()(x)
+    torch.testing.assert_close(a.capsules, b.capsules, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.reconstruction, b.reconstruction, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_bench_steps_run_under_bf16_autocast_and_its_peak_is_timed_the_same_way(workdir):
+    from capsx.jobs import bench
+    from capsx.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(tiny_recipe(), "t")
+    fast, _ = bench.bench_models(recipe)
+    seen: list[object] = []
+    fast.class_caps.register_forward_hook(
+        lambda m, i, o: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(6, (4,))
+    bench._train_rate(fast, recipe.loss_config, x, y, 2, "bf16")
+    bench._infer_rate(fast, x, "bf16")
+    bench._infer_rate(fast, x, "fp32")
+    assert seen == [torch.bfloat16] * 3 + [None]  # two training steps, one inference; fp32 without autocast
+
+    res = CliRunner().invoke(app, ["bench", _tiny_capsnet_recipe(workdir), "--rounds", "1", "--steps", "1",
+                                   "--batch", "4", "--infer-batch", "4", "--json", "--no-track", "--precision", "bf16"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["precision"] == "bf16" and out["matmul_peak_note"].startswith("bf16 matmul on cpu (fp32 operands")
+
+
+def test_the_matmul_peak_shrinks_its_product_to_fit_its_time():
+    from capsx.jobs.bench import product_size
+
+    assert product_size(1e-4, 2048, 5, 5.0) == 2048  # fp32 here: 2048 takes ~0.2 s
+    assert product_size(0.02, 2048, 5, 5.0) == 512  # bf16 bare on a CPU without bf16 units: 1.5 GFLOP/s
+    assert product_size(10.0, 2048, 5, 5.0) == 256  # never below 256

@@ -104,21 +104,54 @@ class BenchResult:
 
 
 def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5,
-                       device: torch.device = torch.device("cpu")) -> float:
+                       device: torch.device = torch.device("cpu"), budget_s: float = 5.0) -> float:
     """The best rate of an n x n matrix product on `device`, the machine's practical ceiling (fp32 on CUDA:
-    TF32 or not as torch.backends.cuda.matmul.allow_tf32 says; torch's default is not)."""
+    TF32 or not as torch.backends.cuda.matmul.allow_tf32 says; torch's default is not). A lower precision
+    is timed as training computes it, fp32 weights under autocast (on a CPU that is oneDNN's bf16 product;
+    a bare bf16 `a @ b` there is a ~1.5 GFLOP/s fallback on CPUs without bf16 units). Where the product is
+    slow, n is halved until the products fit `budget_s`, judged from a 256 x 256 product."""
     if device.type == "cuda":
         n = max(n, 8192)  # 2048 is over in microseconds on a GPU: the launch would dominate
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    a @ b
+    else:
+        n = product_size(min(_product_seconds(256, dtype, device) for _ in range(2)), n, repeats, budget_s)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    product = _product(dtype, device)
+    product(a, b)
     best = float("inf")
     for _ in range(repeats):
         synchronize(device)
         t = time.perf_counter()
-        a @ b
+        product(a, b)
         synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def product_size(seconds_at_256: float, n: int, repeats: int, budget_s: float) -> int:
+    """The largest n / 2^k (at least 256) whose repeats + 1 products, at the n^3 rate a 256 x 256 product
+    took, fit `budget_s`."""
+    while n > 256 and (repeats + 1) * seconds_at_256 * (n / 256) ** 3 > budget_s:
+        n //= 2
+    return n
+
+
+def _product(dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if dtype == torch.float32:
+        return torch.matmul
+
+    def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype):
+            return torch.nn.functional.linear(a, b)
+    return product
+
+
+def _product_seconds(n: int, dtype: torch.dtype, device: torch.device) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    product = _product(dtype, device)
+    product(a, b)
+    t = time.perf_counter()
+    product(a, b)
+    return time.perf_counter() - t
 
 
 def matmul_note(dtype: torch.dtype, device: torch.device) -> str:
@@ -126,6 +159,8 @@ def matmul_note(dtype: torch.dtype, device: torch.device) -> str:
     if device.type == "cuda" and dtype == torch.float32:
         tf32 = torch.backends.cuda.matmul.allow_tf32
         return f"{name} matmul on {device.type}, TF32 {'on' if tf32 else 'off'} (torch.backends.cuda.matmul)"
+    if dtype != torch.float32:
+        return f"{name} matmul on {device.type} (fp32 operands under autocast, as training runs it)"
     return f"{name} matmul on {device.type}"
 
 
@@ -208,6 +243,19 @@ def log_bench(result: BenchResult, recipe: Recipe, uri: str) -> None:
     tracker.end()
 
 
+def bench_models(recipe: Recipe) -> tuple[CapsNet, ReferenceCapsNet]:
+    """capsx's CapsNet and the plain reference of the same architecture, holding the same weights."""
+    assert isinstance(recipe.model, CapsNetConfig)
+    shape, classes = recipe.data.input_shape, len(recipe.data.classes)
+    fast = recipe.model.build(shape, classes)
+    assert isinstance(fast, CapsNet)
+    kwargs = recipe.model.kwargs()
+    kwargs["decoder_hidden"] = tuple(kwargs["decoder_hidden"])
+    ref = ReferenceCapsNet(shape, classes, **kwargs)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
 def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, steps: int, precision: str,
               compile: bool = False, device: torch.device = torch.device("cpu"),
               progress: Callable[[str], None] = lambda s: None) -> BenchResult:
@@ -216,13 +264,8 @@ def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, step
     if precision == "fp16" and device.type != "cuda":
         raise CapsxError(f"--precision fp16 needs --device cuda (got {device.type}); use bf16 or fp32")
     torch.manual_seed(0)  # weights and inputs are drawn on the CPU, the same whatever the device
+    fast, ref = bench_models(recipe)
     shape, classes = recipe.data.input_shape, len(recipe.data.classes)
-    fast = recipe.model.build(shape, classes)
-    assert isinstance(fast, CapsNet)
-    kwargs = recipe.model.kwargs()
-    kwargs["decoder_hidden"] = tuple(kwargs["decoder_hidden"])
-    ref = ReferenceCapsNet(shape, classes, **kwargs)
-    ref.load_state_dict(fast.state_dict())
     criterion = recipe.loss_config
     x, y = torch.rand(batch, *shape), torch.randint(classes, (batch,))
     xi = torch.rand(infer_batch, *shape)
