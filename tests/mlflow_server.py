@@ -52,16 +52,18 @@ class Server:
     """`capsx server` on 127.0.0.1 with its artifacts in `root`, and its SQLite store there too unless
     `backend` names another (a PostgreSQL URI)."""
 
-    def __init__(self, root: Path, port: int, backend: str | None = None) -> None:
-        self.root, self.port, self.backend = root, port, backend
+    def __init__(self, root: Path, port: int, backend: str | None = None, host: str = "127.0.0.1",
+                 allowed_hosts: str | None = None) -> None:
+        self.root, self.port, self.backend, self.host, self.allowed_hosts = root, port, backend, host, allowed_hosts
         self.proc: subprocess.Popen | None = None
 
     @property
     def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
         backend = ["--backend-store-uri", self.backend] if self.backend else []
+        backend += ["--host", self.host] + (["--allowed-hosts", self.allowed_hosts] if self.allowed_hosts else [])
         self.proc = subprocess.Popen([str(CAPSX), "server", "--store", str(self.root), "--port", str(self.port),
                                       *backend], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_healthy(self.uri, self.proc)
@@ -73,6 +75,17 @@ class Server:
         deadline = time.time() + 30
         while time.time() < deadline:  # until the port is really closed
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                if s.connect_ex((self.host, self.port)) != 0:
                     return
             time.sleep(0.2)
+
+
+def second_loopback() -> str | None:
+    """127.0.0.2 where this machine routes it to itself (Linux: all of 127/8), to tell a server's bound
+    address from 127.0.0.1; None elsewhere."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.2", 0))
+        except OSError:
+            return None
+    return "127.0.0.2"

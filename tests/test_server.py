@@ -5,6 +5,8 @@ binaries, `initdb` into a temporary folder), else its SQLite store."""
 
 import importlib.util
 import io
+import socket
+import urllib.error
 import urllib.request
 
 import pytest
@@ -14,7 +16,7 @@ from typer.testing import CliRunner
 
 from capsx.cli import app
 from tests.conftest import tiny_recipe
-from tests.mlflow_server import Server, free_port, rest_get, rest_post
+from tests.mlflow_server import Server, free_port, rest_get, rest_post, second_loopback
 from tests.postgres import Postgres, database_or_none, why_not
 
 
@@ -31,10 +33,30 @@ def database():
         yield db
 
 
+def _status(url: str, host_header: str) -> int:
+    req = urllib.request.Request(url, data=b'{"max_results": 5}', headers={
+        "Host": host_header, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def test_a_run_on_the_shared_server_reads_back_over_rest(workdir, database):
-    srv = Server(workdir / "server", free_port(), backend=database.uri if database else None)
+    """`capsx server` bound with --host (a second loopback address where there is one, so binding is seen)
+    and --allowed-hosts, on --backend-store-uri's PostgreSQL where one can be started."""
+    host, port = second_loopback() or "127.0.0.1", free_port()
+    srv = Server(workdir / "server", port, backend=database.uri if database else None, host=host,
+                 allowed_hosts=f"{host}:{port},capsx-box.lan:{port}")
     srv.start()
     try:
+        search = f"{srv.uri}/api/2.0/mlflow/experiments/search"
+        assert _status(search, f"capsx-box.lan:{port}") == 200  # a name clients may use
+        assert _status(search, f"elsewhere.lan:{port}") == 403  # MLflow refuses a host it was not told
+        if host != "127.0.0.1":
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", port)) != 0  # bound where --host said, not everywhere
         recipe = workdir / "r.yaml"
         recipe.write_text(yaml.safe_dump(tiny_recipe(train={"epochs": 2, "seed": 5})))
         res = CliRunner().invoke(app, ["train", str(recipe), "--tracking-uri", srv.uri])
