@@ -14,7 +14,7 @@ from capsx.track.tracker import NullTracker, Tracker
 from capsx.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from capsx.train.device import resolve_device
 from capsx.train.loop import Interrupted, QuietReporter, Run, fit, load_model
-from tests.conftest import tiny_recipe
+from tests.conftest import tiny_recipe, write_mnist
 
 
 def _run(tmp: Path, name: str, tracker, reporter=None) -> Run:
@@ -128,18 +128,29 @@ class _SignalAt:
             os.kill(os.getpid(), signal.SIGINT)
 
 
+SHAPES_80 = {"name": "shapes", "train_size": 80, "test_size": 24, "batch_size": 16, "augment": {"shift": 2}}
+# 2 x 64 pairs, of which a seeded 80 (data.subset); each batch moves every digit anew (the affine shuffle)
+MULTIMNIST_80 = {"name": "multimnist", "pairs_per_digit": 2, "max_shift": 4, "seed": 7, "batch_size": 16,
+                 "subset": 80}
+
+
 @pytest.mark.numerics
-@pytest.mark.parametrize("model", [
-    {"name": "capsnet", "conv1_channels": 8, "primary_types": 4, "class_dim": 8, "decoder_hidden": [16, 32]},
-    {"name": "convnet_small", "channels": [4, 8], "hidden": [16], "dropout": 0.5},  # dropout: the RNG matters
-])
-def test_resume_after_ctrl_c_mid_epoch_is_bit_identical(tmp_path, model):
-    raw = tiny_recipe(model=model, data={"name": "shapes", "train_size": 80, "test_size": 24, "batch_size": 16,
-                                         "augment": {"shift": 2}}, train={"epochs": 2, "seed": 3, "log_every": 1})
+@pytest.mark.parametrize("model,data", [
+    ({"name": "capsnet", "conv1_channels": 8, "primary_types": 4, "class_dim": 8, "decoder_hidden": [16, 32]},
+     SHAPES_80),
+    ({"name": "convnet_small", "channels": [4, 8], "hidden": [16], "dropout": 0.5}, SHAPES_80),  # dropout: RNG
+    ({"name": "capsnet", "conv1_channels": 8, "primary_types": 4, "class_dim": 8, "decoder_hidden": [16, 32]},
+     MULTIMNIST_80),
+], ids=["capsnet", "cnn-dropout", "multimnist-subset"])
+def test_resume_after_ctrl_c_mid_epoch_is_bit_identical(tmp_path, model, data):
+    if data["name"] == "multimnist":
+        write_mnist(tmp_path, n_train=64, n_test=24)
+    raw = tiny_recipe(model=model, data=data, train={"epochs": 2, "seed": 3, "log_every": 1})
     recipe = recipe_from_dict(raw, "t")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     straight = Tracker.start(uri, "resume")
     a = fit(recipe, _run(tmp_path, "a", straight))
+    assert a.state.global_step == 10  # 80 training examples (MultiMNIST: the subset of 128 pairs), batch 16
 
     interrupted = Tracker.start(uri, "resume")
     run_b = _run(tmp_path, "b", interrupted, reporter=_SignalAt(7))  # 5 steps per epoch: step 2 of epoch 2
