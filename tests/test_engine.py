@@ -424,3 +424,14 @@ def test_checkpoint_every_writes_last_pt_on_its_epochs_and_the_last_and_best_fal
     assert result.best_checkpoint is None and not (tmp_path / "checkpoints" / "best.pt").exists()
     # max_steps_per_epoch: 2 steps an epoch of the 6 a full epoch of 96 images in batches of 16 has
     assert result.state.global_step == 6 and len(result.state.history) == 3
+
+
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_auto_takes_cuda_then_mps_then_the_cpu(monkeypatch, cuda, mps, expected):
+    """What torch reports available, set per case (this machine has neither accelerator)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto").type == expected
+    if not cuda:
+        with pytest.raises(CapsxError, match=r"device 'cuda' is not available here; available: cpu"):
+            resolve_device("cuda")
