@@ -228,6 +228,21 @@ def test_fashion_mnist_missing_files_say_apt_and_the_flag(tmp_path, monkeypatch)
     assert "apt-get install dataset-fashion-mnist" in msg and "--set data.download=true" in msg
 
 
+def test_fashion_mnist_is_read_from_the_debian_packages_folder_when_the_root_has_none(tmp_path, monkeypatch):
+    """After `apt-get install dataset-fashion-mnist` nothing more to do: its four .gz files (here written
+    by the test in the package's layout) are unpacked into the data root's FashionMNIST/raw and read."""
+    src = write_mnist(tmp_path / "src", n_train=30, n_test=10) / "MNIST" / "raw"
+    debian = tmp_path / "usr-share-fashion-mnist"
+    debian.mkdir()
+    for f in src.iterdir():
+        (debian / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
+    monkeypatch.setattr("capsx.data.fashion_mnist.DEBIAN_DIR", debian)
+    splits = FashionMNISTConfig().load_splits(tmp_path / "root")
+    assert splits.train.images.shape == (30, 1, 28, 28) and splits.test.images.shape == (10, 1, 28, 28)
+    assert (tmp_path / "root" / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes() == (
+        src / "t10k-labels-idx1-ubyte").read_bytes()
+
+
 def debian_fashion_mnist() -> Path:
     if not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"real Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (fills {DEBIAN_DIR})")
