@@ -94,6 +94,9 @@ def test_two_processes_match_one_and_resume_exactly_after_ctrl_c(workdir):
     client = MlflowClient(f"sqlite:///{workdir}/two/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])  # one run, not two
     assert run.data.params["distributed.processes"] == "2"
+    assert run.data.tags["distributed.batch_per_process"] == "8"  # the global 16 over 2
+    threads = max(1, (os.cpu_count() or 1) // 2)  # the cores shared by the two processes
+    assert run.data.tags["capsx.device"].startswith(f"cpu ({threads} threads, "), run.data.tags["capsx.device"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/error")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/step_loss")] == [25, 50, 75, 100]
 
