@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from capsx.jobs.bench import BenchResult
     from capsx.jobs.ensemble import EnsembleResult
     from capsx.jobs.pose import PoseReadout
+    from capsx.jobs.predict import Prediction
     from capsx.recipe import Recipe
     from capsx.summary import ModelSummary
     from capsx.train.loop import FitResult
@@ -278,3 +279,14 @@ def pose_tables(title: str, readout: PoseReadout, caption: str) -> list[Table]:
     for i, (q, r) in shown:
         dims.add_row(str(i), q, f"{r:.2f}")
     return [r2, dims]
+
+
+def prediction_table(title: str, classes: Sequence[str], predictions: Sequence[Prediction], k: int) -> Table:
+    """`capsx predict`: a row per image, its top-k classes with their scores."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("file", overflow="fold")
+    for i in range(k):
+        table.add_column(f"#{i + 1}", justify="left")
+    for p in predictions:
+        table.add_row(p.file, *(f"{c} {v:.3f}" for c, v in p.top(list(classes), k)))
+    return table

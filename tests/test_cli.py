@@ -32,6 +32,7 @@ def _only_run(uri: str):
     return client, runs[0]
 
 
+@pytest.mark.fresh_store  # a first run makes the store (or, here, none)
 def test_train_then_eval_into_a_real_mlflow_store(workdir, tiny_mnist):
     recipe = _write(workdir / "tiny-mnist.yaml", tiny_recipe(
         data={"name": "mnist", "batch_size": 32, "augment": {"shift": 2}}, model=dict(TINY_CAPSNET),
@@ -106,6 +107,7 @@ def test_eval_fetches_the_checkpoint_from_mlflow_when_the_run_dir_is_gone(workdi
     assert (workdir / "runs" / "_downloads" / run.info.run_id / "best.pt").is_file()
 
 
+@pytest.mark.fresh_store  # a first run makes the store (or, here, none)
 def test_tracking_uri_flag_and_env(workdir, monkeypatch):
     recipe = _write(workdir / "r.yaml", tiny_recipe())
     other = workdir / "elsewhere" / "store.db"
@@ -131,6 +133,7 @@ def test_tracking_uri_flag_and_env(workdir, monkeypatch):
     assert MlflowClient(f"sqlite:///{env_db}").get_experiment_by_name("from-the-recipe") is not None
 
 
+@pytest.mark.fresh_store  # a first run makes the store (or, here, none)
 def test_no_track_still_writes_checkpoints_and_evals(workdir):
     recipe = _write(workdir / "r.yaml", tiny_recipe())
     res = invoke("train", str(recipe), "--no-track")
@@ -140,6 +143,7 @@ def test_no_track_still_writes_checkpoints_and_evals(workdir):
     assert res.exit_code == 0 and "not logged" in res.output
 
 
+@pytest.mark.fresh_store  # a first run makes the store (or, here, none)
 def test_print_config_shows_the_resolved_recipe(workdir):
     res = invoke("train", str(REPO / "recipes" / "mnist-capsnet.yaml"), "--print-config", "--set",
                  "train.epochs=1", "data.subset=2000")

@@ -145,6 +145,7 @@ def test_an_unreachable_store_at_start_is_a_clear_error_before_training(workdir)
     assert time.time() - t < 60
 
 
+@pytest.mark.fresh_store  # both make the store at once: its creation is serialised
 def test_two_trainings_into_one_sqlite_store_both_keep_all_metrics(workdir):
     for name in ("one", "two"):
         (workdir / f"{name}.yaml").write_text(yaml.safe_dump(tiny_recipe(

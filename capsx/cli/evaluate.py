@@ -87,3 +87,45 @@ def eval_(
     if failed:
         raise failed[0] if len(refs) == 1 else CheckFailed(f"{len(failed)} of {len(refs)} runs outside the "
                                                            f"paper's band; first: {failed[0]}")
+
+
+@app.command()
+@handles_errors
+def predict(
+    run: Annotated[str, typer.Argument(help="An MLflow run id, 'latest', a run folder or a checkpoint file.")],
+    images: Annotated[list[Path], typer.Argument(
+        help="Image files and folders (every image file under a folder).", show_default=False)],
+    top: Annotated[int, typer.Option("--top", min=1, max=100, help="Classes shown per image.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    csv_path: Annotated[Path | None, typer.Option(
+        "--csv", help="Also write a CSV file: a row per image, its top classes and every class's score.")] = None,
+    reconstruct: Annotated[bool, typer.Option(
+        "--reconstruct", help="CapsNet: also draw each image above its reconstruction (pictures/ of the run).")]
+    = False,
+    data_root: DataRootOpt = None,
+    tracking_uri: TrackingOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Class scores of a trained run for your own images (capsule lengths or softmax), each prepared as the
+    run's training images were."""
+    ctx = context(runs_dir, tracking_uri, data_root, track=False, device=device)
+    if as_json:
+        from dataclasses import replace
+
+        from capsx.jobs.context import silent
+
+        ctx = replace(ctx, say=silent)
+    from capsx.jobs.predict import image_files, run_predict
+    from capsx.jobs.trained import open_run
+
+    files = image_files(images)  # a missing file or an empty folder: before the run is opened
+    t = open_run(run, ctx)
+    run_predict(t, ctx, files, top=top, as_json=as_json, csv_path=csv_path)
+    if reconstruct:
+        from capsx.jobs.pictures import Gallery
+        from capsx.jobs.reconstruct import run_reconstruct
+
+        with Gallery.open(t, ctx) as out:
+            run_reconstruct(t, out, count=len(files), misclassified=0, force_class=None, image=files,
+                            error_images=0)

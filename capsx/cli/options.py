@@ -26,7 +26,8 @@ RunOpt = Annotated[str | None, typer.Option("--run", help="A run id or 'latest' 
 CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint file instead of a run.")]
 LogOpt = Annotated[bool, typer.Option("--log/--no-log", help="Log the pictures to the run in MLflow.")]
 ImageOpt = Annotated[list[Path] | None, typer.Option(
-    "--image", help="Your own image file (repeatable): made grey, inverted if dark-on-light, scaled, centred.")]
+    "--image", help="Your own image file (repeatable), prepared as the run's images were: a digit made grey, "
+                    "inverted if dark-on-light, scaled and centred; a photo resized and centre-cropped.")]
 
 
 def context(runs_dir: Path, tracking_uri: str | None, data_root: Path | None = None, track: bool = True,

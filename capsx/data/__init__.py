@@ -8,6 +8,7 @@ from pathlib import Path
 # Importing the data sets registers them.
 from capsx.data import cifar10 as _cifar10  # noqa: F401
 from capsx.data import fashion_mnist as _fashion_mnist  # noqa: F401
+from capsx.data import imagefolder as _imagefolder  # noqa: F401
 from capsx.data import mnist as _mnist  # noqa: F401
 from capsx.data import multimnist as _multimnist  # noqa: F401
 from capsx.data import shapes as _shapes  # noqa: F401

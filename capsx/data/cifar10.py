@@ -50,6 +50,7 @@ class CIFAR10Config(DataConfig):
     classes: ClassVar[list[str]] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                     "ship", "truck"]
     needs_root: ClassVar[bool] = True
+    user_images: ClassVar[str] = "photo"
 
     def load(self, root: Path) -> DataSplits:
         folder = root / FOLDER

@@ -37,6 +37,10 @@ class DataConfig(Section):
     classes: ClassVar[list[str]]
     needs_root: ClassVar[bool] = False  # read from disk (True) or generated (False)
     objects: ClassVar[int] = 1  # labelled objects per image (MultiMNIST: 2)
+    # how a user's own picture is made into one of its images (`--image`, `capsx predict`): "digit", as MNIST
+    # drew its digits (grey, light ink on black, the ink box centred by mass); "photo", resized and
+    # centre-cropped to the images' size (CIFAR-10, SVHN, smallNORB, image folders)
+    user_images: ClassVar[str] = "digit"
 
     @model_validator(mode="after")
     def _crop_fits(self) -> DataConfig:
@@ -61,6 +65,10 @@ class DataConfig(Section):
 
     def load(self, root: Path) -> DataSplits:
         raise NotImplementedError  # every registered subclass overrides it
+
+    def resolved(self, splits: DataSplits) -> DataConfig:
+        """This config completed by what loading found (a folder's class names); fixed sets are complete."""
+        return self
 
     def load_test(self, root: Path) -> Examples:
         """The test split alone, for commands that only look at test images (the picture commands,

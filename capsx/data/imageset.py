@@ -85,3 +85,4 @@ class DataSplits:
     train: Examples
     test: Examples
     classes: list[str]
+    notes: list[str] = field(default_factory=list)  # what reading the files skipped, for the user to read

@@ -102,6 +102,7 @@ class SmallNORBConfig(DataConfig):
     image_shape: ClassVar[tuple[int, int, int]] = (2, SIZE, SIZE)
     classes: ClassVar[list[str]] = ["animal", "human", "airplane", "truck", "car"]
     needs_root: ClassVar[bool] = True
+    user_images: ClassVar[str] = "photo"
 
     def pose(self, examples: ImageSet) -> list[PoseQuantity]:
         """Azimuth (0, 20, ..., 340 degrees: as cos, sin), elevation (30 to 70 degrees), lighting (0-5)."""

@@ -45,6 +45,7 @@ class SVHNConfig(DataConfig):
     image_shape: ClassVar[tuple[int, int, int]] = (3, 32, 32)
     classes: ClassVar[list[str]] = [str(d) for d in range(10)]
     needs_root: ClassVar[bool] = True
+    user_images: ClassVar[str] = "photo"
 
     def load(self, root: Path) -> DataSplits:
         folder = root / FOLDER

@@ -5,6 +5,7 @@ and centred by its centre of mass."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from capsx.errors import CapsxError
+
+if TYPE_CHECKING:
+    from capsx.data.config import DataConfig
 
 INK_FRACTION = 20 / 28  # MNIST: digits fit a 20x20 box inside the 28x28 canvas
 MAX_PIXELS = 40_000_000  # larger pictures are refused before decoding (40 MP: about 160 MB as RGB floats)
@@ -61,3 +65,27 @@ def load_user_image(path: Path, input_shape: tuple[int, int, int]) -> Tensor:
     t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
     t = t.expand(C, H, W) if t.shape[0] == 1 else t  # a grey picture for a stereo (2-channel) model: both views
     return t.unsqueeze(0).clamp(0, 1)  # (1, C, H, W)
+
+
+def prepare_user_image(data: DataConfig, path: Path) -> Tensor:
+    """(1, C, H, W) float in [0, 1]: a user's picture made into what the run's model was trained on: a
+    digit as MNIST drew its digits, or a photo resized (the image folder's own `resize` rule, else centre
+    crop) to the data set's images, then centre-cropped as its test split is."""
+    from capsx.data.imagefolder import BadImage, read_photo
+    from capsx.data.transforms import center_crop
+
+    if data.user_images == "digit":
+        return load_user_image(path, data.input_shape)
+    C, H, W = data.image_shape
+    if not path.is_file():
+        raise CapsxError(f"--image {path}: file not found")
+    try:
+        pixels = read_photo(path, H, 1 if C == 1 else 3 if C == 3 else 1, getattr(data, "resize", "crop"),
+                            getattr(data, "max_pixels", MAX_PIXELS))
+    except BadImage as e:
+        raise CapsxError(f"{path}: {e}") from None
+    x = torch.from_numpy(pixels).unsqueeze(0)
+    x = x.expand(1, C, H, W) if x.shape[1] != C else x  # a grey picture for a stereo (2-channel) model: both views
+    if data.augment.crop is not None:
+        x = center_crop(x, data.augment.crop)
+    return x.float().div(255)

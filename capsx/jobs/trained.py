@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from capsx.data import ImageSet
 from capsx.data.imageset import Examples, unit_float
-from capsx.data.user_image import load_user_image
+from capsx.data.user_image import prepare_user_image
 from capsx.errors import CapsxError
 from capsx.jobs.context import Context
 from capsx.recipe import Recipe
@@ -76,7 +76,7 @@ class TrainedRun:
         return unit_float(images.to(self.device))
 
     def user_image(self, path: Path) -> Tensor:
-        return self.inputs(load_user_image(path, self.recipe.data.input_shape))
+        return self.inputs(prepare_user_image(self.recipe.data, path))
 
     def tracker(self) -> Tracker | None:
         """Its MLflow run, opened in this process; None when it was trained with tracking off."""

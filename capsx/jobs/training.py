@@ -64,6 +64,9 @@ def _train(recipe: Recipe, ctx: Context, group: Group, device: torch.device, rec
     autocast(device, recipe.train.precision)  # an impossible precision is an error now, not after set-up
     root = ctx.data_root_for(recipe.data)
     splits = recipe.data.load_splits(root)  # a missing or broken data set too: before any run exists
+    recipe = recipe.model_copy(update={"data": recipe.data.resolved(splits)})  # e.g. a folder's class names
+    for note in splits.notes:
+        say(f"[yellow]{note}[/]", soft_wrap=True)
     if resume is None:  # and a pretrained file or freeze that cannot work
         check_transfer(recipe.model, recipe.data.input_shape, len(recipe.data.classes))
     tracker, run_dir = _open_tracking(recipe, ctx, group, device, recipe_path, resume, parent_run_id)
