@@ -134,14 +134,14 @@ MULTIMNIST_80 = {"name": "multimnist", "pairs_per_digit": 2, "max_shift": 4, "se
                  "subset": 80}
 
 
-@pytest.mark.numerics
-@pytest.mark.parametrize("model,data", [
-    ({"name": "capsnet", "conv1_channels": 8, "primary_types": 4, "class_dim": 8, "decoder_hidden": [16, 32]},
-     SHAPES_80),
-    ({"name": "convnet_small", "channels": [4, 8], "hidden": [16], "dropout": 0.5}, SHAPES_80),  # dropout: RNG
-    ({"name": "capsnet", "conv1_channels": 8, "primary_types": 4, "class_dim": 8, "decoder_hidden": [16, 32]},
-     MULTIMNIST_80),
-], ids=["capsnet", "cnn-dropout", "multimnist-subset"])
+@pytest.mark.parametrize("model,data", [  # the first two again under a lower CPU class (`numerics`)
+    pytest.param({"name": "capsnet", "conv1_channels": 8, "primary_types": 4, "class_dim": 8,
+                  "decoder_hidden": [16, 32]}, SHAPES_80, marks=pytest.mark.numerics, id="capsnet"),
+    pytest.param({"name": "convnet_small", "channels": [4, 8], "hidden": [16], "dropout": 0.5}, SHAPES_80,
+                 marks=pytest.mark.numerics, id="cnn-dropout"),  # dropout: the RNG matters
+    pytest.param({"name": "capsnet", "conv1_channels": 8, "primary_types": 4, "class_dim": 8,
+                  "decoder_hidden": [16, 32]}, MULTIMNIST_80, id="multimnist-subset"),
+])
 def test_resume_after_ctrl_c_mid_epoch_is_bit_identical(tmp_path, model, data):
     if data["name"] == "multimnist":
         write_mnist(tmp_path, n_train=64, n_test=24)

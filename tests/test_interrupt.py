@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -17,7 +16,8 @@ from tests.conftest import tiny_recipe
 CAPSX = str(Path(sys.executable).with_name("capsx"))
 
 
-@pytest.mark.numerics
+# Not in the `numerics` rerun (24 s there): the same exactness under a lower CPU class is the in-process
+# Ctrl-C test's (test_checkpoint.py); this one is about the process, the signal and the run it resumes.
 def test_sigint_saves_a_checkpoint_and_resume_finishes_the_same_run(workdir):
     recipe = workdir / "long.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(

@@ -60,9 +60,17 @@ def ui(tmp_path_factory) -> Iterator[tuple[str, str, str]]:
     recipe.write_text(yaml.safe_dump(tiny_recipe(name="browse", train={"epochs": EPOCHS, "seed": 0})))
     capsx = [sys.executable, "-m", "capsx"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
-    done = subprocess.run([*capsx, "train", str(recipe)], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    from typer.testing import CliRunner
+
+    from capsx.cli import app
+
+    here = Path.cwd()
+    os.chdir(work)  # trained in this process (no second start-up of torch and MLflow), served by capsx ui
+    try:
+        done = CliRunner().invoke(app, ["train", str(recipe), "--tracking-uri", f"sqlite:///{work}/runs/mlflow.db"])
+    finally:
+        os.chdir(here)
+    assert done.exit_code == 0, done.output
     client = MlflowClient(f"sqlite:///{work}/runs/mlflow.db")
     experiment = client.get_experiment_by_name("browse")
     (run,) = client.search_runs([experiment.experiment_id])
