@@ -42,31 +42,47 @@ def split_path(name: str, files: list[Path]) -> Path:
     return cache_dir() / "splits" / f"{files_key(name, files)}.pt"
 
 
-def store_split(name: str, files: list[Path], split: ImageSet) -> None:
-    """Keep `split` (read from `files`) for the next `cached_split`; atomic, and a cache that cannot
-    be written only means the files are read again next time."""
+def load_cached(path: Path, keys: tuple[str, ...]) -> dict | None:
+    """A cache file's payload (tensors, lists, strings) holding `keys`, or None on a miss: absent, or
+    truncated or foreign, which is then removed so that the next write replaces it."""
     try:
-        path = split_path(name, files)
-        if path.is_file():
-            return
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001
+        payload = None
+    if not isinstance(payload, dict) or not all(k in payload for k in keys):
+        path.unlink(missing_ok=True)
+        return None
+    return payload
+
+
+def save_cached(path: Path, payload: dict) -> None:
+    """Atomic; a cache that cannot be written only means the files are read again next time."""
+    try:
         with replacing(path) as f:
-            torch.save({"images": split.images.cpu(), "labels": split.labels.cpu()}, f)
+            torch.save(payload, f)
     except OSError:
         pass
+
+
+def store_split(name: str, files: list[Path], split: ImageSet) -> None:
+    """Keep `split` (read from `files`) for the next `cached_split`."""
+    try:
+        path = split_path(name, files)
+    except OSError:  # a file gone since it was read
+        return
+    if not path.is_file():
+        save_cached(path, {"images": split.images.cpu(), "labels": split.labels.cpu()})
 
 
 def cached_split(name: str, files: list[Path], read: Callable[[], ImageSet]) -> ImageSet:
     """The split `read()` gives for `files`, from the cache while the files are unchanged."""
     if not all(f.is_file() for f in files):  # missing (a download to come, or an error `read` will name)
         return read()
-    path = split_path(name, files)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_cached(split_path(name, files), ("images", "labels"))
+    if payload is not None:
         return ImageSet(payload["images"], payload["labels"])
-    except FileNotFoundError:
-        pass
-    except Exception:  # a truncated or foreign cache file is a miss, then replaced  # noqa: BLE001
-        path.unlink(missing_ok=True)
     split = read()
     store_split(name, files, split)
     return split

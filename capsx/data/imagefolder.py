@@ -18,11 +18,10 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from capsx.atomic import replacing
-from capsx.data.cache import cache_dir, files_key
+from capsx.data.cache import cache_dir, files_key, load_cached, save_cached
 from capsx.data.config import DataConfig, register_dataset
 from capsx.data.imageset import DataSplits, ImageSet
-from capsx.data.integrity import image_hashes
+from capsx.data.integrity import copies
 from capsx.errors import DataError
 
 # What Pillow reads and torchvision's ImageFolder accepts (its IMG_EXTENSIONS).
@@ -146,22 +145,21 @@ class ImageFolderConfig(DataConfig):
         if test_dir is not None and self.test_fraction is not None:
             raise DataError(f"imagefolder: {root} has a test/ folder and data.test_fraction is set; remove one")
         train = self._read(train_dir, classes, require_all=True)
+        reads = [(train_dir, train)]
         if test_dir is not None:
             unknown = sorted(set(class_folders(test_dir)) - set(classes))
             if unknown:
                 raise DataError(f"imagefolder: {test_dir} has class folder(s) {', '.join(unknown)} that "
                                 f"{train_dir} has not")
             test = self._read(test_dir, classes, require_all=False)
+            reads.append((test_dir, test))
         else:
             train, test = _split(train, self.test_fraction or 0.0, self.split_seed)
         if len(test.labels) == 0:
             raise DataError(f"imagefolder: no test images in {test_dir or train_dir}")
         _check_no_copies(train, test)
-        notes = [f"imagefolder: skipped {len(s.skipped)} file(s) that are not readable images under {d} "
-                 f"(first: {s.skipped[0]})" for s, d in ((train, train_dir), (test, test_dir or train_dir))
-                 if s.skipped]
-        if test_dir is None and train.skipped:
-            notes = notes[:1]
+        notes = [f"imagefolder: skipped {len(r.skipped)} file(s) that are not readable images under {d} "
+                 f"(first: {r.skipped[0]})" for d, r in reads if r.skipped]
         return DataSplits(train=ImageSet(train.images, train.labels), test=ImageSet(test.images, test.labels),
                           classes=classes, notes=notes)
 
@@ -169,7 +167,7 @@ class ImageFolderConfig(DataConfig):
         """Every file under folder/<class>/, decoded (or from the cache while nothing changed)."""
         listed: list[tuple[Path, int]] = []
         for k, name in enumerate(classes):
-            files = sorted(_files_under(folder / name)) if (folder / name).is_dir() else []
+            files = sorted(files_under(folder / name)) if (folder / name).is_dir() else []
             if not files and require_all:
                 raise DataError(f"imagefolder: {folder / name}: an empty class folder; expected images of "
                                 f"{name!r} (remove the folder or add images)")
@@ -177,20 +175,12 @@ class ImageFolderConfig(DataConfig):
         settings = json.dumps([self.size, self.channels, self.resize, self.max_pixels, self.skip_bad, classes])
         key = files_key(f"imagefolder {settings}", [f for f, _ in listed])
         path = cache_dir() / "imagefolder" / f"{key}.pt"
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
+        cached = load_cached(path, ("images", "labels", "files", "skipped"))
+        if cached is not None:
             return FolderImages(cached["images"], cached["labels"], cached["files"], cached["skipped"])
-        except FileNotFoundError:
-            pass
-        except Exception:  # a truncated or foreign cache file is a miss, then replaced  # noqa: BLE001
-            path.unlink(missing_ok=True)
         read = self._decode(listed)
-        try:
-            with replacing(path) as f:
-                torch.save({"images": read.images, "labels": read.labels, "files": read.files,
-                            "skipped": read.skipped}, f)
-        except OSError:
-            pass  # a cache that cannot be written only means the files are read again next time
+        save_cached(path, {"images": read.images, "labels": read.labels, "files": read.files,
+                           "skipped": read.skipped})
         return read
 
     def _decode(self, listed: list[tuple[Path, int]]) -> FolderImages:
@@ -237,7 +227,7 @@ def class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _files_under(folder: Path) -> Iterable[Path]:
+def files_under(folder: Path) -> Iterable[Path]:
     """Every file below `folder` (nested folders too, as ImageFolder reads them), hidden ones left out."""
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -260,19 +250,17 @@ def _split(read: FolderImages, fraction: float, seed: int) -> tuple[FolderImages
 
     def part(mask: torch.Tensor) -> FolderImages:
         idx = mask.nonzero().flatten()
-        return FolderImages(read.images[idx], read.labels[idx], [read.files[i] for i in idx.tolist()],
-                            read.skipped)
+        return FolderImages(read.images[idx], read.labels[idx], [read.files[i] for i in idx.tolist()], [])
 
     return part(~is_test), part(is_test)
 
 
 def _check_no_copies(train: FolderImages, test: FolderImages) -> None:
     """A test image that is a pixel copy of a train image (after reading) makes the test error a memory test."""
-    seen = {h: i for i, h in enumerate(image_hashes(train.images))}
-    copies = [(test.files[j], train.files[seen[h]]) for j, h in enumerate(image_hashes(test.images)) if h in seen]
-    if copies:
-        pairs = "; ".join(f"{a} = {b}" for a, b in copies[:3]) + (f"; and {len(copies) - 3} more"
-                                                                    if len(copies) > 3 else "")
-        raise DataError(f"imagefolder: {len(copies)} test image(s) are pixel copies of train images ({pairs}); "
+    found = copies(train.images, test.images)
+    if found:
+        pairs = "; ".join(f"{test.files[j]} = {train.files[i]}" for j, i in found[:3]) + (
+            f"; and {len(found) - 3} more" if len(found) > 3 else "")
+        raise DataError(f"imagefolder: {len(found)} test image(s) are pixel copies of train images ({pairs}); "
                         "expected disjoint splits")
 

@@ -29,10 +29,15 @@ def image_hashes(images: Tensor) -> list[bytes]:
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
 
 
+def copies(train: Tensor, test: Tensor) -> list[tuple[int, int]]:
+    """(test index, train index) of each test image with a pixel-for-pixel copy in the train split."""
+    seen = {h: i for i, h in enumerate(image_hashes(train))}
+    return [(j, seen[h]) for j, h in enumerate(image_hashes(test)) if h in seen]
+
+
 def shared_images(train: Tensor, test: Tensor) -> int:
     """How many test images have a pixel-for-pixel copy in the train split."""
-    seen = set(image_hashes(train))
-    return sum(1 for h in image_hashes(test) if h in seen)
+    return len(copies(train, test))
 
 
 def check_disjoint(name: str, files: list[Path], train: Tensor, test: Tensor) -> None:

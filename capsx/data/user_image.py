@@ -80,7 +80,7 @@ def prepare_user_image(data: DataConfig, path: Path) -> Tensor:
     if not path.is_file():
         raise CapsxError(f"--image {path}: file not found")
     try:
-        pixels = read_photo(path, H, 1 if C == 1 else 3 if C == 3 else 1, getattr(data, "resize", "crop"),
+        pixels = read_photo(path, H, 3 if C == 3 else 1, getattr(data, "resize", "crop"),  # stereo: grey
                             getattr(data, "max_pixels", MAX_PIXELS))
     except BadImage as e:
         raise CapsxError(f"{path}: {e}") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from capsx.data.imagefolder import IMAGE_SUFFIXES, _files_under
+from capsx.data.imagefolder import IMAGE_SUFFIXES, files_under
 from capsx.data.user_image import prepare_user_image
 from capsx.errors import CapsxError
 from capsx.jobs.context import Context
@@ -36,7 +36,7 @@ def image_files(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found = sorted(f for f in _files_under(p) if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in files_under(p) if f.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise CapsxError(f"{p}: no image files in this folder (expected {', '.join(IMAGE_SUFFIXES)})")
             out += found
@@ -62,11 +62,11 @@ def predict(t: TrainedRun, files: list[Path]) -> list[Prediction]:
     return out
 
 
-def run_predict(t: TrainedRun, ctx: Context, paths: list[Path], *, top: int, as_json: bool,
+def run_predict(t: TrainedRun, ctx: Context, files: list[Path], *, top: int, as_json: bool,
                 csv_path: Path | None) -> list[Prediction]:
+    """Predict `files` (as `image_files` lists them) and show the table, or the JSON, and the CSV."""
     from capsx.console import prediction_table
 
-    files = image_files(paths)
     found = predict(t, files)
     classes, k = t.classes, min(top, len(t.classes))
     kind = "capsule lengths" if t.recipe.model.outputs_capsules else "softmax probabilities"
