@@ -21,12 +21,13 @@ SMALL = {  # keep every registered model cheap here; the paper sizes are checked
     "resnet34": {},
     "densenet121": {},
     "googlenet": {},
+    "efficient_capsnet": {"conv_channels": [8, 8, 8, 16], "decoder_hidden": [32, 64]},
 }
 # Where 28x28 is too small (densenet's ImageNet stem) or too slow: 32x32 RGB, batch 2.
 INPUT = {"densenet121": (2, 3, 32, 32), "googlenet": (2, 3, 32, 32)}
 # Models cheap enough to train 100 steps in a test. The torchvision family is checked instead by its
 # gradients here and by equivalence to torchvision's own models (test_classic.py).
-OVERFIT = ["capsnet", "baseline_cnn", "convnet_small", "lenet"]
+OVERFIT = ["capsnet", "efficient_capsnet", "baseline_cnn", "convnet_small", "lenet"]
 
 
 def test_every_registered_model_has_a_small_config_here():
@@ -68,6 +69,18 @@ def test_paper_parameter_counts():
     assert sum(p.numel() for p in cnn.parameters()) == 35_445_522  # "35.4M"
 
 
+def test_efficient_capsnet_is_sized_as_its_paper_says():
+    model = build_model(MODELS.get("efficient_capsnet")(), (1, 28, 28), 10)
+    s = summarize(model, (1, 28, 28))
+    assert s.total_params - s.decoder_params == 161_824  # Mazzia et al. 2021: "161K", the authors' Keras count
+    # the decoder: 160 -> 512 -> 1024 -> 784
+    assert s.decoder_params == 160 * 512 + 512 + 512 * 1024 + 1024 + 1024 * 784 + 784
+    caps = model.class_caps
+    assert caps.weight.shape == (16, 10, 16, 8) and caps.prior.shape == (16, 10)  # 16 primary capsules of 8-D
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert model.features(x).shape == (2, 128, 9, 9) and model.primary(model.features(x)).shape == (2, 128, 1, 1)
+
+
 @pytest.mark.numerics
 def test_capsnet_forward_equals_reference_routing():
     model = build_model(MODELS.get("capsnet")(**SMALL["capsnet"]), (1, 28, 28), 10).double()
@@ -79,6 +92,29 @@ def test_capsnet_forward_equals_reference_routing():
     u_hat_ref = (caps.weight.unsqueeze(0) @ u[:, :, None, :, None]).squeeze(-1)
     assert torch.allclose(caps.predictions(u), u_hat_ref, atol=1e-12)
     assert torch.allclose(model.encode(x), routing_reference(u_hat_ref, caps.routing_iters), atol=1e-12)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("routing", ["leaky", "none", "attention"])
+def test_capsnet_with_each_routing_equals_the_reference_model_and_trains_its_priors(routing):
+    from capsx.models.reference import ReferenceCapsNet
+    model = build_model(MODELS.get("capsnet")(**SMALL["capsnet"], routing=routing), (1, 28, 28), 10).double()
+    assert (model.class_caps.prior is not None) == (routing == "attention")  # only attention adds a tensor
+    if routing == "attention":
+        assert model.class_caps.prior.shape == (model.class_caps.weight.shape[0], 10)
+        with torch.no_grad():
+            model.class_caps.prior.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    reference = ReferenceCapsNet((1, 28, 28), 10, **SMALL["capsnet"], routing=routing).double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.rand(3, 1, 28, 28, dtype=torch.double, generator=torch.Generator().manual_seed(1))
+    out = model(x)
+    assert torch.allclose(out.capsules, reference(x).capsules, atol=1e-12)
+    out.scores.sum().backward()
+    if routing == "attention":
+        assert model.class_caps.prior.grad.abs().sum() > 0
+    diagnosed = model.diagnostics(x)  # routing logits b_ij exist for dynamic and leaky only
+    assert (sorted(diagnosed) == ["routing/delta_b_iter1", "routing/delta_b_iter2", "routing/delta_b_iter3"]
+            if routing == "leaky" else diagnosed == {})
 
 
 def test_decoder_is_masked_by_target_in_training_and_by_prediction_at_test():
@@ -110,7 +146,7 @@ def test_tiny_model_overfits_a_tiny_batch(name):
     model = build_model(MODELS.get(name)(**kwargs), (1, 28, 28), 4)
     from capsx.train.losses import CrossEntropyConfig, MarginLossConfig
 
-    criterion = MarginLossConfig() if name == "capsnet" else CrossEntropyConfig()
+    criterion = MarginLossConfig() if MODELS.get(name).outputs_capsules else CrossEntropyConfig()
     x, y = torch.rand(8, 1, 28, 28), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()

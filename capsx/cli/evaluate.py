@@ -12,6 +12,19 @@ from capsx.cli.options import DataRootOpt, RunsDirOpt, TrackingOpt, context
 from capsx.errors import CapsxError
 
 
+def _print_grid(ref: str, ctx: object) -> bool:
+    """`capsx eval PARENT` of a `train --grid` parent: its table from MLflow (True), else False."""
+    from capsx.jobs.context import Context
+    from capsx.jobs.grid import grid_spec_of, grid_table
+    from capsx.track.runs import is_run_id
+
+    assert isinstance(ctx, Context)
+    if not is_run_id(ref) or grid_spec_of(ctx.store(), ref) is None:
+        return False
+    ctx.say(grid_table(ctx.store(), ref).render())
+    return True
+
+
 @app.command("eval")
 @handles_errors
 def eval_(
@@ -51,6 +64,8 @@ def eval_(
     if images is not None and images < 1:
         raise CapsxError(f"--images {images}: expected at least 1")
     ctx = context(runs_dir, tracking_uri, data_root, track=log, device=device)
+    if len(refs) == 1 and not (ensemble or pose or sweep or check) and _print_grid(refs[0], ctx):
+        return
     if pose:
         from capsx.jobs.pose import run_pose
 

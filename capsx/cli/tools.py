@@ -100,6 +100,7 @@ def bench(
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log to MLflow, experiment 'bench'.")] = True,
     tracking_uri: TrackingOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
+    set_: SetOpt = None,
 ) -> None:
     """Train and inference images/s of capsx's CapsNet against the plain reference (the public code's style),
     with achieved GFLOP/s, % of a matrix-product peak and peak memory (RSS on the CPU, allocated on CUDA)."""
@@ -120,14 +121,15 @@ def bench(
     dev = resolve_device(device)
     if precision == "fp16" and dev.type != "cuda":
         raise CapsxError(f"--precision fp16 needs --device cuda (this run is on {dev.type}); use bf16 or fp32")
-    r = load_recipe(recipe)
+    r = load_recipe(recipe, set_ or [])  # e.g. --set model.routing=attention: each routing on the same weights
     say = (lambda m: err_console.print(m, style="dim")) if as_json else (lambda m: console.print(m, style="dim"))
     res = run_bench(r, batch=batch, infer_batch=infer_batch, rounds=rounds, steps=steps, precision=precision,
                     compile=compile_, device=dev, progress=say)
     if as_json:
         typer.echo(json.dumps(res.as_json()))
     else:
-        for table in bench_tables(f"{r.name}: {r.model.name}, {precision}", res, rounds, dev.type == "cuda"):
+        title = f"{r.name}: {r.model.name}, {res.routing} routing, {precision}"
+        for table in bench_tables(title, res, rounds, dev.type == "cuda"):
             console.print(table)
     if track:
         log_bench(res, r, resolve_tracking_uri(tracking_uri, None, runs_dir))

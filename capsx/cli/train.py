@@ -12,6 +12,7 @@ from capsx.cli.options import DataRootOpt, OverridesArg, RunsDirOpt, SetOpt, Tra
 from capsx.errors import CapsxError
 
 if TYPE_CHECKING:
+    from capsx.jobs.context import Context
     from capsx.recipe import Recipe
     from capsx.train.checkpoint import Checkpoint
 
@@ -35,6 +36,9 @@ def train(
     seeds: Annotated[str | None, typer.Option(
         "--seeds", help="Train once per seed, e.g. 0,1,2: one MLflow parent run, a child per seed, and the "
                         "mean +- std of the test error.")] = None,
+    grid: Annotated[list[str] | None, typer.Option(
+        "--grid", help="KEY=V1,V2 (repeatable): train every cell of the cross product (with --seeds, once per "
+                       "seed) under one parent run and print one table; --resume PARENT continues it.")] = None,
 ) -> None:
     """Train a recipe: progress bar, test evaluation every epoch, checkpoints, MLflow run."""
     changes = [*(set_ or []), *(overrides or [])]
@@ -43,6 +47,9 @@ def train(
     if resume is not None and recipe is not None and "=" in recipe.name and not recipe.exists():
         changes, recipe = [str(recipe), *changes], None  # `--resume RUN key=value`: an override, not a recipe
     ctx = context(runs_dir, tracking_uri, data_root, track=not no_track)
+    if grid or (resume is not None and _grid_parent(resume, ctx)):
+        _grid(recipe, grid or [], resume, changes, seeds, nproc, print_config, ctx)
+        return
     loaded, ckpt = _recipe_to_train(recipe, resume, changes, ctx.runs_dir, ctx.tracking_uri)
     if print_config:
         typer.echo(loaded.to_yaml(), nl=False)  # plain, unwrapped: it is meant to be piped or saved
@@ -57,6 +64,37 @@ def train(
         code, _ = run_seeds(loaded, _parse_seeds(seeds), ctx, recipe_path=str(recipe))
     else:
         code = run_training(loaded, ctx, recipe_path=str(recipe or resume), resume=ckpt).code
+    if code:
+        raise typer.Exit(code)
+
+
+def _grid_parent(resume: str, ctx: Context) -> bool:
+    from capsx.jobs.grid import grid_spec_of
+    from capsx.track.runs import is_run_id
+
+    return is_run_id(resume) and grid_spec_of(ctx.store(), resume) is not None
+
+
+def _grid(recipe: Path | None, grid: list[str], resume: str | None, changes: list[str], seeds: str | None,
+          nproc: int, print_config: bool, ctx: Context) -> None:
+    """`--grid` (a new grid) or `--resume PARENT` (a stopped one)."""
+    from capsx.jobs.grid import GridSpec, grid_spec_of, parse_grid, run_grid
+
+    if nproc > 1 or print_config:
+        raise CapsxError("--grid trains its cells one at a time in this process; it does not go with "
+                         + ("--nproc" if nproc > 1 else "--print-config (print one cell with --set instead)"))
+    if resume is not None:
+        if grid or recipe is not None or changes:
+            raise CapsxError("--resume PARENT continues the grid stored in the parent run; give no recipe, "
+                             "--grid or overrides")
+        spec = grid_spec_of(ctx.store(), resume)
+        assert spec is not None
+    else:
+        if recipe is None:
+            raise CapsxError("--grid needs a RECIPE file, e.g. capsx train recipes/mnist-capsnet.yaml "
+                             "--grid model.routing=dynamic,none")
+        spec = GridSpec(str(recipe), changes, parse_grid(grid), _parse_seeds(seeds) if seeds is not None else None)
+    code = run_grid(spec, ctx, resume_parent=resume)
     if code:
         raise typer.Exit(code)
 

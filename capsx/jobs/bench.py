@@ -62,6 +62,7 @@ class BenchResult:
     compile_seconds: float | None = None  # torch.compile's first training + inference call (--compile)
     device: str = "cpu"  # describe_device's words
     matmul_peak_note: str = ""  # the product's dtype and, on CUDA, whether TF32 was allowed
+    routing: str = "dynamic"  # the CapsNet's model.routing, benchmarked on both paths
 
     def ratio(self, kind: str) -> float:
         fast, ref = getattr(self.fast, kind), getattr(self.reference, kind)
@@ -82,7 +83,7 @@ class BenchResult:
             return None if b is None else round(b / 2**20, 1)
 
         return {
-            "device": self.device,
+            "device": self.device, "routing": self.routing,
             "batch": self.batch, "infer_batch": self.infer_batch, "precision": self.precision, "rounds": self.rounds,
             "train_images_per_s": round(self.fast.train_median, 2),
             "infer_images_per_s": round(self.fast.infer_median, 2),
@@ -238,7 +239,8 @@ def log_bench(result: BenchResult, recipe: Recipe, uri: str) -> None:
                                                "capsx.torch": torch.__version__})
     tracker.log_params({"batch": result.batch, "infer_batch": result.infer_batch, "precision": result.precision,
                         "rounds": result.rounds, "threads": torch.get_num_threads(),
-                        "compile": result.compile_seconds is not None, "device": out["device"]})
+                        "compile": result.compile_seconds is not None, "device": out["device"],
+                        "routing": result.routing})
     tracker.log_metrics({k: float(v) for k, v in out.items() if isinstance(v, int | float)}, step=0)
     tracker.end()
 
@@ -276,7 +278,7 @@ def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, step
     peak = matmul_peak_gflops(dtype, device=device)
     result = BenchResult(batch, infer_batch, precision, rounds, train_flops, infer_flops, computed_flops, peak,
                          PathResult(), PathResult(), device=describe_device(device),
-                         matmul_peak_note=matmul_note(dtype, device))
+                         matmul_peak_note=matmul_note(dtype, device), routing=recipe.model.routing)
     timed: nn.Module = fast
     if compile:
         timed = torch.compile(fast)  # type: ignore[assignment]

@@ -24,6 +24,7 @@ from capsx.jobs.reconstruct import run_reconstruct
 from capsx.jobs.trained import TrainedRun
 from capsx.jobs.visualize import Job, first_layer_jobs, run_routing, run_saliency
 from capsx.models.capsnet import CapsNet
+from capsx.models.capsule_classifier import CapsuleClassifier
 from capsx.recipe import Recipe
 from capsx.track.tracker import NullTracker, Tracker
 from capsx.train.checkpoint import Checkpoint
@@ -67,7 +68,7 @@ def jobs_for(model: nn.Module, objects: int, trained: bool = True) -> list[Job]:
     reconstruction is drawn without its error and strip of mistakes (there is no evaluation to take them
     from, and a fresh pass would cost more than all the other pictures)."""
     jobs = first_layer_jobs()
-    if not isinstance(model, CapsNet):
+    if not isinstance(model, CapsuleClassifier):
         return [*jobs, _saliency_of_the_label]
     if model.decoder is not None:
         error_images = PAIR_ERROR_IMAGES if objects > 1 else None if trained else 0
@@ -76,7 +77,8 @@ def jobs_for(model: nn.Module, objects: int, trained: bool = True) -> list[Job]:
         if objects == 1:
             jobs.append(lambda t, out: run_perturb(t, out, dims=None, value_range=(-0.25, 0.25), steps=11, cls=None,
                                                    samples=1, image=None, class_mean=False))
-    jobs.append(lambda t, out: run_routing(t, out, index=0, image=None))
+    if isinstance(model, CapsNet):  # the couplings over its primary-capsule grid
+        jobs.append(lambda t, out: run_routing(t, out, index=0, image=None))
     return jobs
 
 

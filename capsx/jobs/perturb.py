@@ -21,7 +21,7 @@ def run_perturb(t: TrainedRun, out: Gallery, *, dims: list[int] | None, value_ra
     if samples is not None and not 1 <= samples <= MAX_SAMPLES:
         raise CapsxError(f"--samples {samples}: expected 1 to {MAX_SAMPLES} (each one is a picture, or a row)")
     deltas = capsules.perturbation_values(*value_range, steps)
-    D = model.class_caps.weight.shape[2]
+    D = model.class_dim
     all_dims = dims is None
     dims = list(range(D)) if dims is None else dims
     if class_mean:

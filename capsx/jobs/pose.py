@@ -1,7 +1,7 @@
 """`capsx eval --pose`: how much of each image's pose a trained model's features hold, as a number.
 
 Per class, a linear readout (least squares with an intercept) from the features to each pose quantity is
-fitted on a seeded half of that class's test images and scored (R^2) on the other half. A CapsNet's
+fitted on a seeded half of that class's test images and scored (R^2) on the other half. A capsule model's
 features are the class capsule's vector (its label's); a CNN's, the input of its output layer, for
 comparison. Per feature dimension: which pose quantity it correlates with most, and how much."""
 
@@ -19,7 +19,7 @@ from capsx.data.pose import PoseQuantity
 from capsx.errors import CapsxError
 from capsx.jobs.context import Context
 from capsx.jobs.trained import TrainedRun, open_run
-from capsx.models.capsnet import CapsNet
+from capsx.models.capsule_classifier import CapsuleClassifier
 from capsx.train.device import eval_mode
 
 SPLIT_SEED = 0  # which half of a class's images fits the readout: the same every time
@@ -106,14 +106,14 @@ def readout(features: Tensor, labels: Tensor, quantities: list[PoseQuantity], cl
 
 @torch.no_grad()
 def features_of(t: TrainedRun, images: Tensor) -> tuple[Tensor, str]:
-    """A CapsNet's class capsules (N, K, D), or a CNN's output layer's inputs (N, W), on the CPU."""
+    """A capsule model's class capsules (N, K, D), or a CNN's output layer's inputs (N, W), on the CPU."""
     model = t.model
     taken: list[Tensor] = []
     hook = None
-    if not isinstance(model, CapsNet):  # a CNN: the features its classifier reads
+    if not isinstance(model, CapsuleClassifier):  # a CNN: the features its classifier reads
         last = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not last:
-            raise CapsxError(f"{t.label}: --pose needs a CapsNet or a CNN with a linear output layer")
+            raise CapsxError(f"{t.label}: --pose needs a capsule model or a CNN with a linear output layer")
         hook = last[-1].register_forward_hook(lambda _m, inputs, _out: taken.append(inputs[0].float().cpu()))
     chunks: list[Tensor] = []
     try:

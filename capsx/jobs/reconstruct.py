@@ -11,7 +11,7 @@ from torch import Tensor
 from capsx.errors import CapsxError
 from capsx.jobs.pictures import Gallery
 from capsx.jobs.trained import TrainedRun
-from capsx.models.capsnet import CapsNet
+from capsx.models.capsule_classifier import CapsuleClassifier
 from capsx.pictures import canvas, capsules
 from capsx.train.losses import reconstruction_loss
 from capsx.train.metrics import all_right
@@ -89,7 +89,7 @@ def _recorded(t: TrainedRun, images: int) -> tuple[float, list[int], int] | None
     return float(row["test/recon_loss"]), list(state.test_mistakes), round(row["test/error"] * images)
 
 
-def reconstruction_error(t: TrainedRun, model: CapsNet, images: Tensor,
+def reconstruction_error(t: TrainedRun, model: CapsuleClassifier, images: Tensor,
                          labels: Tensor) -> tuple[float, list[int]]:
     """Mean reconstruction error over `images` (decoded by the prediction) and the indices of the mistakes."""
     sse_sum, wrong = 0.0, []
@@ -100,8 +100,8 @@ def reconstruction_error(t: TrainedRun, model: CapsNet, images: Tensor,
     return sse_sum / max(1, len(images)), wrong
 
 
-def _panel(t: TrainedRun, out: Gallery, model: CapsNet, xs: Tensor, labels: Tensor | None, title: str, name: str,
-           key: str, force_class: int | None, as_label: bool = False) -> None:
+def _panel(t: TrainedRun, out: Gallery, model: CapsuleClassifier, xs: Tensor, labels: Tensor | None, title: str,
+           name: str, key: str, force_class: int | None, as_label: bool = False) -> None:
     """Inputs (captioned L: label, P: prediction) above their reconstructions (R: the class decoded)."""
     forced = None
     if force_class is not None:
@@ -133,7 +133,7 @@ def _pair(classes: list[str], pair: Tensor) -> str:
 
 
 @torch.no_grad()
-def _reconstruct_pairs(t: TrainedRun, out: Gallery, model: CapsNet, *, count: int, misclassified: int,
+def _reconstruct_pairs(t: TrainedRun, out: Gallery, model: CapsuleClassifier, *, count: int, misclassified: int,
                        image: list[Path] | None, error_images: int) -> float:
     """The paper's Fig. 5: each of an image's two digits decoded from its own capsule, drawn in its own
     colour over the input in grey, captioned R:(reconstructed = predicted pair) L:(label pair)."""
@@ -178,7 +178,7 @@ def _reconstruct_pairs(t: TrainedRun, out: Gallery, model: CapsNet, *, count: in
     return mean_sse
 
 
-def _pair_panel(t: TrainedRun, out: Gallery, model: CapsNet, xs: Tensor, labels: Tensor | None, title: str,
+def _pair_panel(t: TrainedRun, out: Gallery, model: CapsuleClassifier, xs: Tensor, labels: Tensor | None, title: str,
                 name: str, key: str, as_label: bool = False) -> None:
     """Two-digit inputs above both decoded digits, each in its colour (decoded as predicted, or as labelled)."""
     k = t.objects

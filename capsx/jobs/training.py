@@ -44,13 +44,14 @@ class TrainingOutcome:
 
 
 def run_training(recipe: Recipe, ctx: Context, *, recipe_path: str, resume: Checkpoint | None = None,
-                 parent_run_id: str | None = None) -> TrainingOutcome:
+                 parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> TrainingOutcome:
     """Train with tracking and reporting. `resume`: a run's last.pt, continued exactly in its own run
     directory. `parent_run_id`: the MLflow run this one is nested under (one seed of `train --seeds`).
+    `extra_tags`: more tags for a new run (a `--grid` cell's).
     Under torchrun every process calls this; rank 0 alone tracks, prints and writes checkpoints."""
     group, device = distributed.join(resolve_device(recipe.device))
     try:
-        outcome = _train(recipe, ctx, group, device, recipe_path, resume, parent_run_id)
+        outcome = _train(recipe, ctx, group, device, recipe_path, resume, parent_run_id, extra_tags or {})
     except BaseException:
         distributed.leave()  # alone: the others may have failed too, or be gone
         raise
@@ -59,7 +60,7 @@ def run_training(recipe: Recipe, ctx: Context, *, recipe_path: str, resume: Chec
 
 
 def _train(recipe: Recipe, ctx: Context, group: Group, device: torch.device, recipe_path: str,
-           resume: Checkpoint | None, parent_run_id: str | None) -> TrainingOutcome:
+           resume: Checkpoint | None, parent_run_id: str | None, extra_tags: dict[str, str]) -> TrainingOutcome:
     say = ctx.say if group.is_main else silent
     autocast(device, recipe.train.precision)  # an impossible precision is an error now, not after set-up
     root = ctx.data_root_for(recipe.data)
@@ -69,7 +70,7 @@ def _train(recipe: Recipe, ctx: Context, group: Group, device: torch.device, rec
         say(f"[yellow]{note}[/]", soft_wrap=True)
     if resume is None:  # and a pretrained file or freeze that cannot work
         check_transfer(recipe.model, recipe.data.input_shape, len(recipe.data.classes))
-    tracker, run_dir = _open_tracking(recipe, ctx, group, device, recipe_path, resume, parent_run_id)
+    tracker, run_dir = _open_tracking(recipe, ctx, group, device, recipe_path, resume, parent_run_id, extra_tags)
     if isinstance(tracker, Tracker):
         tracker.notify = lambda message: say(f"[yellow]{message}[/]", soft_wrap=True)
     verb = "resuming" if resume is not None else "training"
@@ -105,7 +106,8 @@ def _train(recipe: Recipe, ctx: Context, group: Group, device: torch.device, rec
 
 
 def _open_tracking(recipe: Recipe, ctx: Context, group: Group, device: torch.device, recipe_path: str,
-                   resume: Checkpoint | None, parent_run_id: str | None) -> tuple[Tracker | NullTracker, Path]:
+                   resume: Checkpoint | None, parent_run_id: str | None,
+                   extra_tags: dict[str, str]) -> tuple[Tracker | NullTracker, Path]:
     """The run's tracker and directory: a new MLflow run and runs/<experiment>/<run id>/, the resumed
     run's own, or (in the other processes of a data-parallel run) rank 0's run id, tracking nothing."""
     experiment = recipe.tracking.experiment or recipe.name
@@ -126,7 +128,7 @@ def _open_tracking(recipe: Recipe, ctx: Context, group: Group, device: torch.dev
         uri = ctx.store(recipe.tracking.uri)
         ensure_writable(ctx.runs_dir)  # before an MLflow run exists that could not be finished
         if ctx.track:
-            tags = run_tags(recipe, device)
+            tags = {**run_tags(recipe, device), **extra_tags}
             if parent_run_id is not None:
                 tags["mlflow.parentRunId"] = parent_run_id  # what makes MLflow show it nested
             tracker = Tracker.start(uri, experiment, run_name=recipe.tracking.run_name or default_run_name(recipe),

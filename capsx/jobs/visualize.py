@@ -14,6 +14,7 @@ from capsx.errors import CapsxError
 from capsx.jobs.pictures import Gallery, one_input
 from capsx.jobs.trained import TrainedRun
 from capsx.models.capsnet import CapsNet
+from capsx.models.capsule_classifier import CapsuleClassifier
 from capsx.pictures import canvas, inside
 
 
@@ -77,16 +78,23 @@ def run_routing(t: TrainedRun, out: Gallery, *, index: int, image: Path | None) 
     tiles = [canvas.heat(((m - lo) / max(hi - lo, 1e-12)).cpu().numpy()) for m in weighted.flatten(0, 1)]
     img = canvas.grid(tiles, J, scale=10)
     columns = t.classes + ["none of the above"] * (J - len(t.classes))  # the extra routed capsule, if any
-    pic = canvas.label_grid(img, iters, J, [f"iteration {r + 1}" for r in range(iters)], columns)
-    pic = canvas.with_colour_bar(pic, lo, hi, f"coupling c_ij, one scale for all maps (uniform: {1 / J:.3f})",
+    routing = inside.routing_of(t.model)
+    rows = ([f"iteration {r + 1}" for r in range(iters)] if routing in ("dynamic", "leaky")
+            else [{"none": "no routing", "attention": "self-attention"}.get(routing, routing)])
+    start = 1 / (J + 1) if routing == "leaky" else 1 / J  # the couplings before any agreement
+    pic = canvas.label_grid(img, iters, J, rows, columns)
+    pic = canvas.with_colour_bar(pic, lo, hi, f"coupling c_ij, one scale for all maps (uniform: {start:.3f})",
                                  spec=".3f")
     pred = int(t.model(x).prediction[0])
-    pic = canvas.caption_above(pic, [f"coupling coefficients c_ij on {what} (predicted {t.classes[pred]}): at each "
-                                     "grid position, the mean over capsule types weighted by |u_i|",
-                                     "mean |delta b_ij| per iteration: " + ", ".join(f"{d:.4f}" for d in delta_b)])
+    lines = [f"{routing} routing: coupling coefficients c_ij on {what} (predicted {t.classes[pred]}): at each "
+             "grid position, the mean over capsule types weighted by |u_i|"]
+    if routing in ("dynamic", "leaky"):
+        lines.append("mean |delta b_ij| per iteration: " + ", ".join(f"{d:.4f}" for d in delta_b))
+    pic = canvas.caption_above(pic, lines)
     out.publish(pic, "routing_couplings.png", key="routing/couplings")
-    out.log_metrics({f"routing/inspect_delta_b_iter{r + 1}": d for r, d in enumerate(delta_b)})
-    out.say("mean |delta b_ij| per routing iteration: " + ", ".join(f"{d:.5f}" for d in delta_b))
+    if routing in ("dynamic", "leaky"):
+        out.log_metrics({f"routing/inspect_delta_b_iter{r + 1}": d for r, d in enumerate(delta_b)})
+        out.say("mean |delta b_ij| per routing iteration: " + ", ".join(f"{d:.5f}" for d in delta_b))
     out.report()
     return delta_b
 
@@ -118,7 +126,7 @@ def run_saliency(t: TrainedRun, out: Gallery, *, index: int, image: Path | None,
     img = canvas.grid([base_rgb, canvas.heat(heat.cpu().numpy()), overlay], 3, scale=6)
     pic = canvas.label_grid(img, 1, 3, None, ["input", "saliency", "overlay"])
     pic = canvas.with_colour_bar(pic, 0.0, top, scale)
-    score = "capsule length" if isinstance(t.model, CapsNet) else "logit"
+    score = "capsule length" if isinstance(t.model, CapsuleClassifier) else "logit"
     pic = canvas.caption_above(pic, [f"what drives class {t.classes[target]} ({score}) on {what}"
                                      + (f", label {t.classes[label]}" if label is not None else "")
                                      + f", predicted {t.classes[pred]}", note])

@@ -9,6 +9,7 @@ from torch import nn
 from capsx.models import capsnet as _capsnet  # noqa: F401
 from capsx.models import classic as _classic  # noqa: F401
 from capsx.models import cnn as _cnn  # noqa: F401
+from capsx.models import efficient_capsnet as _efficient_capsnet  # noqa: F401
 from capsx.models.config import MODELS, ModelConfig, register_model
 from capsx.models.output import ModelOutput
 

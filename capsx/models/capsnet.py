@@ -13,6 +13,7 @@ the margin loss and not decoded (`none_of_the_above: true`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
@@ -21,10 +22,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from capsx.models.capsule_classifier import CapsuleClassifier, make_decoder
 from capsx.models.config import ModelConfig, register_model
 from capsx.models.fourier_conv import fourier_conv2d
-from capsx.models.output import ModelOutput
-from capsx.models.routing import RoutingTrace, capsule_length, dynamic_routing, squash
+from capsx.models.routing import Routing, RoutingTrace, route, squash
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class PaperDefaults:
     primary_stride: int = 2
     class_dim: int = 16
     routing_iters: int = 3
+    routing: Routing = "dynamic"
     none_of_the_above: bool = False
     decoder: bool = True
     decoder_hidden: tuple[int, ...] = (512, 1024)
@@ -95,14 +97,21 @@ class PrimaryCaps(nn.Module):
 
 
 class ClassCaps(nn.Module):
-    """Fully connected capsule layer (the paper's DigitCaps): u_hat(j|i) = W_ij u_i, then routing."""
+    """Fully connected capsule layer (the paper's DigitCaps): u_hat(j|i) = W_ij u_i, then routing
+    (`routing`: see `capsx.models.routing`; `routing_iters` counts for dynamic and leaky only)."""
 
     def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int, routing_iters: int,
-                 init_std: float) -> None:
+                 init_std: float, routing: Routing = "dynamic",
+                 squash_fn: Callable[[Tensor], Tensor] = squash) -> None:
         super().__init__()
         self.routing_iters = routing_iters
+        self.routing = routing
+        self.squash_fn = squash_fn  # attention routing's output non-linearity
         # One 8x16 matrix per (input i, output j) pair, no bias (paper).
         self.weight = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim) * init_std)  # (I, J, D, d)
+        # Attention routing's learned log priors b_ij (Efficient-CapsNet: zeros at the start); the other
+        # routings have none, so their checkpoints keep the layer's one tensor.
+        self.prior = nn.Parameter(torch.zeros(in_caps, out_caps)) if routing == "attention" else None
 
     def predictions(self, u: Tensor) -> Tensor:
         """u (B, I, d) -> u_hat (B, I, J, D)."""
@@ -124,15 +133,16 @@ class ClassCaps(nn.Module):
         measured: the bf16 training step was no faster than fp32), and the routing softmax and
         agreements keep their precision. The convolutions, nearly all the FLOPs, stay in low precision."""
         if u.device.type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(u.device.type):
-            return dynamic_routing(self.predictions(u), self.routing_iters, trace)
+            return route(self.predictions(u), self.routing, self.routing_iters, self.prior, trace, self.squash_fn)
         with torch.autocast(u.device.type, enabled=False):
-            return dynamic_routing(self.predictions(u.float()), self.routing_iters, trace)
+            return route(self.predictions(u.float()), self.routing, self.routing_iters, self.prior, trace,
+                         self.squash_fn)
 
 
 AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")  # where autocast exists (not "meta": `capsx summary`'s shapes)
 
 
-class CapsNet(nn.Module):
+class CapsNet(CapsuleClassifier):
     """The paper's three-layer CapsNet with its reconstruction decoder."""
 
     def __init__(
@@ -147,6 +157,7 @@ class CapsNet(nn.Module):
         primary_stride: int = PAPER.primary_stride,
         class_dim: int = PAPER.class_dim,
         routing_iters: int = PAPER.routing_iters,
+        routing: Routing = PAPER.routing,
         none_of_the_above: bool = PAPER.none_of_the_above,
         decoder: bool = PAPER.decoder,
         decoder_hidden: tuple[int, ...] = PAPER.decoder_hidden,
@@ -156,8 +167,8 @@ class CapsNet(nn.Module):
         super().__init__()
         C, H, W = input_shape
         self.input_shape = input_shape
-        self.num_classes = num_classes
-        self.objects = objects  # labelled objects per image: at test time the decoder rebuilds the top `objects`
+        self.num_classes, self.class_dim = num_classes, class_dim
+        self.objects = objects
         self.conv1 = nn.Conv2d(C, conv1_channels, conv1_kernel)
         self.primary_caps = PrimaryCaps(conv1_channels, primary_types, primary_dim, primary_kernel, primary_stride)
         grid_h = (H - conv1_kernel + 1 - primary_kernel) // primary_stride + 1
@@ -167,19 +178,10 @@ class CapsNet(nn.Module):
         self.primary_grid = (primary_types, grid_h, grid_w)
         self.routed_caps = num_classes + int(none_of_the_above)  # the extra one routes, but is no class
         self.class_caps = ClassCaps(primary_types * grid_h * grid_w, primary_dim, self.routed_caps, class_dim,
-                                    routing_iters, init_std)
-        self.decoder: nn.Sequential | None = None
-        if decoder:
-            layers: list[nn.Module] = []
-            width = num_classes * class_dim
-            for hidden in decoder_hidden:
-                layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
-                width = hidden
-            layers += [nn.Linear(width, C * H * W), nn.Sigmoid()]
-            self.decoder = nn.Sequential(*layers)
+                                    routing_iters, init_std, routing)
+        self.decoder = make_decoder(num_classes, class_dim, decoder_hidden, C * H * W) if decoder else None
 
     def encode(self, x: Tensor, trace: RoutingTrace | None = None) -> Tensor:
-        """Images (B, C, H, W) -> class capsules v (B, K, D); `trace` records the routing."""
         h = F.relu(self.conv1(x))  # (B, 256, 20, 20)
         u = self.primary_caps(h)  # (B, 1152, 8)
         v = self.class_caps(u, trace)  # (B, 10 (+1 none of the above), 16)
@@ -187,33 +189,13 @@ class CapsNet(nn.Module):
 
     @torch.no_grad()
     def diagnostics(self, x: Tensor) -> dict[str, float]:
-        """The paper's appendix diagnostic: mean |change| of the routing logits b_ij per iteration."""
+        """The paper's appendix diagnostic: mean |change| of the routing logits b_ij per iteration
+        (routings with logits only: dynamic and leaky)."""
+        if self.class_caps.routing not in ("dynamic", "leaky"):
+            return {}
         trace = RoutingTrace()
         self.encode(x, trace)
         return {f"routing/delta_b_iter{r + 1}": d for r, d in enumerate(trace.mean_abs_delta_b)}
-
-    def reconstruct(self, capsules: Tensor, classes: Tensor) -> Tensor:
-        """Decode only the capsule of `classes` (B,) (the others are masked to 0) -> (B, C, H, W);
-        classes (B, k): each of the k separately (MultiMNIST) -> (B, k, C, H, W)."""
-        assert self.decoder is not None
-        if classes.dim() == 2:
-            B, k = classes.shape
-            each = self.reconstruct(capsules.repeat_interleave(k, dim=0), classes.flatten())  # (B*k, C, H, W)
-            return each.view(B, k, *self.input_shape)
-        mask = F.one_hot(classes, self.num_classes).to(capsules.dtype)  # (B, K)
-        flat = (capsules * mask.unsqueeze(-1)).flatten(1)  # (B, K*D)
-        return self.decoder(flat).view(-1, *self.input_shape)
-
-    def forward(self, x: Tensor, target: Tensor | None = None) -> ModelOutput:
-        """`target` (B,) or (B, k) masks the decoder in training; at test time the prediction does."""
-        v = self.encode(x)
-        lengths = capsule_length(v)  # (B, K): |v_k| = P(class k present)
-        recon = None
-        if self.decoder is not None:
-            if target is None:
-                target = lengths.argmax(dim=1) if self.objects == 1 else lengths.topk(self.objects, dim=1).indices
-            recon = self.reconstruct(v, target)
-        return ModelOutput(scores=lengths, capsules=v, reconstruction=recon)
 
 
 @register_model
@@ -229,7 +211,8 @@ class CapsNetConfig(ModelConfig):
     primary_kernel: int = Field(PAPER.primary_kernel, ge=1)
     primary_stride: int = Field(PAPER.primary_stride, ge=1)
     class_dim: int = Field(PAPER.class_dim, ge=1)
-    routing_iters: int = Field(PAPER.routing_iters, ge=1)
+    routing_iters: int = Field(PAPER.routing_iters, ge=1)  # dynamic and leaky routing only
+    routing: Routing = PAPER.routing  # dynamic | leaky | none | attention (capsx.models.routing)
     none_of_the_above: bool = PAPER.none_of_the_above  # an extra routed capsule that is not a class (paper, CIFAR-10)
     decoder: bool = PAPER.decoder
     decoder_hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: list(PAPER.decoder_hidden))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from capsx.models.capsnet import CapsNet
-from capsx.models.routing import RoutingTrace, routing_reference
+from capsx.models.routing import RoutingTrace, route_reference
 
 
 def predictions_reference(weight: Tensor, u: Tensor) -> Tensor:
@@ -25,5 +25,7 @@ class ReferenceCapsNet(CapsNet):
         assert trace is None, "the reference path records no trace"
         u = self.primary_caps.capsules(self.primary_caps.conv(F.relu(self.conv1(x))))  # direct conv: (B, I, d)
         u_hat = predictions_reference(self.class_caps.weight, u)  # (B, I, J, D)
-        v = routing_reference(u_hat, self.class_caps.routing_iters)  # (B, J, D), J = K (+1 none of the above)
+        caps = self.class_caps
+        # (B, J, D), J = K (+1 none of the above)
+        v = route_reference(u_hat, caps.routing, caps.routing_iters, caps.prior, caps.squash_fn, literal=False)
         return v[:, :self.num_classes]  # (B, K, D)

@@ -1,14 +1,26 @@
-"""Squash and dynamic routing (Sabour, Frosst, Hinton 2017, Eq. 1-3 and Procedure 1).
+"""Squash and the routing algorithms a capsule layer can use (`model.routing`).
 
-`dynamic_routing` is the fast path the models use. `routing_reference` is
-Procedure 1 written literally, broadcast products and all; it stays as the
-oracle the tests compare the fast path against.
+- `dynamic`: Sabour, Frosst, Hinton 2017, Eq. 1-3 and Procedure 1.
+- `leaky`: Procedure 1 with the leaky softmax of the paper's own code (`_leaky_routing` in Sabour's
+  `capsules/models/layers.py`; Zhao et al. 2018 name it): each input capsule's softmax over the
+  parents gets an extra logit fixed at 0, an orphan parent whose share is dropped, so a capsule that
+  agrees with no parent sends less to all of them. Unlike `none_of_the_above`, the orphan has no votes,
+  no weights and no capsule.
+- `none`: no routing, the critiques' baseline (Gu & Tresp 2019): every coupling c_ij = 1/J, the value
+  Procedure 1 starts from (softmax of b = 0), one pass; the same function as `dynamic` with 1 iteration.
+- `attention`: the self-attention routing of Efficient-CapsNet (Mazzia, Salvetti, Chiaberge 2021,
+  Eq. 5-7): c_ij = softmax_j( u_hat(j|i) . sum_k u_hat(j|k) / sqrt(D) ), s_j = sum_i (c_ij + b_ij) u_hat(j|i)
+  with learned log priors b_ij, no iterations.
+
+Each fast path (`dynamic_routing`, `attention_routing`) has a literal version (`routing_reference`,
+`attention_reference`) written from the equations; the tests hold one to the other, values and gradients.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -29,6 +41,18 @@ def squash(s: Tensor, dim: int = -1) -> Tensor:
     n2 = (x * x).sum(dim=dim, keepdim=True)
     # The factors kept apart: (1 + n2) * sqrt(n2) would overflow fp32 from |s| ~ 1e13.
     v = x * ((n2 / (1.0 + n2)) * torch.rsqrt(n2 + SQUASH_EPS))
+    return v.to(s.dtype)
+
+
+def squash_exp(s: Tensor, dim: int = -1) -> Tensor:
+    """Efficient-CapsNet's squash (Mazzia et al. 2021, Eq. 4): v = (1 - 1/e^|s|) s / |s|.
+
+    Written as 1 - e^-|s| (e^|s| overflows fp32 from |s| ~ 89); |v| in [0, 1), and finite with a finite
+    gradient at s = 0 (the same epsilon as `squash`). Half precision is computed in fp32 and cast back."""
+    x = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    n2 = (x * x).sum(dim=dim, keepdim=True) + SQUASH_EPS
+    n = torch.sqrt(n2)
+    v = x * (-torch.expm1(-n) / n)
     return v.to(s.dtype)
 
 
@@ -65,25 +89,41 @@ class _Agreement(torch.autograd.Function):
         return grad_u, grad_v
 
 
-def dynamic_routing(u_hat: Tensor, iterations: int, trace: RoutingTrace | None = None) -> Tensor:
+Routing = Literal["dynamic", "leaky", "none", "attention"]
+ROUTINGS: tuple[str, ...] = ("dynamic", "leaky", "none", "attention")
+
+
+def _couplings(b: Tensor, leaky: bool) -> Tensor:
+    """softmax over the parents (dim 1 of b (B, J, I)); leaky: with an orphan logit 0 whose share is dropped."""
+    if not leaky:
+        return b.softmax(dim=1)
+    m = b.amax(dim=1, keepdim=True).clamp(min=0)  # the largest logit, the orphan's 0 included
+    e = (b - m).exp()
+    return e / (e.sum(dim=1, keepdim=True) + (-m).exp())
+
+
+def dynamic_routing(u_hat: Tensor, iterations: int, trace: RoutingTrace | None = None,
+                    leaky: bool = False) -> Tensor:
     """Route predictions u_hat (B, I, J, D) of I input capsules for J output capsules.
 
     Returns v (B, J, D). The logits b are per sample, so a sample's result
     does not depend on the rest of the batch. If `trace` is given, it is filled in.
+    `leaky`: the leaky softmax (see the module's docstring); the first couplings are then 1/(J + 1).
     """
     B, I, J, D = u_hat.shape
     # One copy into (B*J, I, D): both routing products become contiguous matrix-vector
     # bmm's, faster than einsum on (B, I, J, D), which permutes u_hat twice per iteration.
     u = u_hat.transpose(1, 2).reshape(B * J, I, D)
     # First iteration: b = 0, so c_ij = 1/J for every pair and s_j = sum_i u_hat(j|i) / J.
-    v = squash(u_hat.sum(dim=1) / J)  # (B, J, D)
+    first = 1.0 / (J + 1) if leaky else 1.0 / J
+    v = squash(u_hat.sum(dim=1) * first)  # (B, J, D)
     if trace is not None:
-        trace.couplings.append(u_hat.new_full((B, I, J), 1.0 / J).detach())
+        trace.couplings.append(u_hat.new_full((B, I, J), first).detach())
     b = None
     for _ in range(1, iterations):
         agreement = _Agreement.apply(u, v.reshape(B * J, D)).view(B, J, I)  # u_hat(j|i) . v_j
         b = agreement if b is None else b + agreement  # (B, J, I)
-        c = b.softmax(dim=1)  # each input capsule i splits itself over the J parents
+        c = _couplings(b, leaky)  # each input capsule i splits itself over the J parents
         v = squash(torch.bmm(c.view(B * J, 1, I), u).view(B, J, D))  # s_j = sum_i c_ij u_hat(j|i)
         if trace is not None:
             trace.mean_abs_delta_b.append(agreement.detach().abs().mean().item())
@@ -94,12 +134,89 @@ def dynamic_routing(u_hat: Tensor, iterations: int, trace: RoutingTrace | None =
     return v
 
 
-def routing_reference(u_hat: Tensor, iterations: int) -> Tensor:
-    """Procedure 1, line by line (the plain style of the public implementations)."""
+def attention_routing(u_hat: Tensor, prior: Tensor, trace: RoutingTrace | None = None,
+                      squash_fn: Callable[[Tensor], Tensor] = squash) -> Tensor:
+    """Self-attention routing: u_hat (B, I, J, D), log priors `prior` (I, J) -> v (B, J, D).
+
+    The agreement of a vote with the others, u_hat(j|i) . sum_k u_hat(j|k), is the row sum of the
+    paper's I x I attention matrix U_j U_j^T without forming it: one matrix-vector product per parent."""
+    B, I, J, D = u_hat.shape
+    u = u_hat.transpose(1, 2).reshape(B * J, I, D)  # the layout of dynamic_routing's products
+    total = u.sum(dim=1)  # (B*J, D): sum_k u_hat(j|k)
+    agreement = _Agreement.apply(u, total).view(B, J, I) * D ** -0.5
+    c = agreement.softmax(dim=1)  # over the parents j
+    weights = c + prior.t().to(c.dtype)  # (B, J, I): c_ij + b_ij
+    v = squash_fn(torch.bmm(weights.view(B * J, 1, I), u).view(B, J, D))
+    if trace is not None:
+        trace.couplings.append(c.detach().transpose(1, 2))
+    return v
+
+
+def uniform_routing(u_hat: Tensor, trace: RoutingTrace | None = None) -> Tensor:
+    """No routing: c_ij = 1/J for every pair, v_j = squash(sum_i u_hat(j|i) / J)."""
+    return dynamic_routing(u_hat, 1, trace)
+
+
+def route(u_hat: Tensor, routing: str, iterations: int, prior: Tensor | None = None,
+          trace: RoutingTrace | None = None, squash_fn: Callable[[Tensor], Tensor] = squash) -> Tensor:
+    """The fast path of the named routing (`model.routing`); `prior` is attention's (I, J) log priors.
+    `squash_fn`: attention's output non-linearity (Efficient-CapsNet has its own); the others use Eq. 1."""
+    if routing == "dynamic":
+        return dynamic_routing(u_hat, iterations, trace)
+    if routing == "leaky":
+        return dynamic_routing(u_hat, iterations, trace, leaky=True)
+    if routing == "none":
+        return uniform_routing(u_hat, trace)
+    if routing == "attention":
+        assert prior is not None, "attention routing needs its log priors"
+        return attention_routing(u_hat, prior, trace, squash_fn)
+    raise ValueError(f"unknown routing {routing!r}; expected one of {', '.join(ROUTINGS)}")
+
+
+def route_reference(u_hat: Tensor, routing: str, iterations: int, prior: Tensor | None = None,
+                    squash_fn: Callable[[Tensor], Tensor] = squash, literal: bool = True) -> Tensor:
+    """The literal version of `route`; `literal=False`: attention as the authors' code computes it
+    (`attention_as_published`: the I x I matrices of the literal one do not fit a benchmark's batch)."""
+    if routing in ("dynamic", "leaky"):
+        return routing_reference(u_hat, iterations, leaky=routing == "leaky")
+    if routing == "none":
+        return squash((u_hat / u_hat.shape[2]).sum(dim=1))  # c_ij = 1/J, s_j = sum_i c_ij u_hat(j|i)
+    if routing == "attention":
+        assert prior is not None
+        return (attention_reference if literal else attention_as_published)(u_hat, prior, squash_fn)
+    raise ValueError(f"unknown routing {routing!r}")
+
+
+def attention_reference(u_hat: Tensor, prior: Tensor, squash_fn: Callable[[Tensor], Tensor] = squash) -> Tensor:
+    """Eq. 5-7 of Efficient-CapsNet, literally: A_j = U_j U_j^T / sqrt(D) (I x I per parent),
+    C = softmax over j of A_j's row sums, s_j = sum_i u_hat(j|i) (c_ij + b_ij)."""
+    D = u_hat.shape[-1]
+    U = u_hat.permute(0, 2, 1, 3)  # (B, J, I, D)
+    A = U @ U.transpose(-1, -2) / D ** 0.5  # (B, J, I, I)
+    c = torch.softmax(A.sum(dim=-1), dim=1)  # (B, J, I), softmax over the parents
+    s = ((c + prior.t()).unsqueeze(-1) * U).sum(dim=2)  # (B, J, D)
+    return squash_fn(s)
+
+
+def attention_as_published(u_hat: Tensor, prior: Tensor, squash_fn: Callable[[Tensor], Tensor] = squash) -> Tensor:
+    """Attention routing in the style of the Efficient-CapsNet code (its FCCaps layer): the agreements as
+    one einsum over (votes, votes), couplings broadcast against the votes; the baseline of `capsx bench`."""
+    U = u_hat.permute(0, 2, 1, 3)  # (B, J, I, D)
+    c = torch.einsum("bjid,bjkd->bji", U, U) / U.shape[-1] ** 0.5  # einsum sums k out first: no I x I
+    c = torch.softmax(c, dim=1) + prior.t()
+    return squash_fn((U * c.unsqueeze(-1)).sum(dim=2))
+
+
+def routing_reference(u_hat: Tensor, iterations: int, leaky: bool = False) -> Tensor:
+    """Procedure 1, line by line (the plain style of the public implementations); `leaky` appends
+    the orphan's zero logit to each softmax and drops its share, as the paper's code does."""
     b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype, device=u_hat.device)  # (B, I, J)
     v = None
     for _ in range(iterations):
-        c = torch.softmax(b, dim=2)  # line 4: softmax over the parents j
+        if leaky:
+            c = torch.softmax(torch.cat([b, torch.zeros_like(b[..., :1])], dim=2), dim=2)[..., :-1]
+        else:
+            c = torch.softmax(b, dim=2)  # line 4: softmax over the parents j
         s = (c.unsqueeze(-1) * u_hat).sum(dim=1)  # line 5: s_j = sum_i c_ij u_hat(j|i)
         v = squash(s)  # line 6
         b = b + (u_hat * v.unsqueeze(1)).sum(dim=-1)  # line 7: b_ij += u_hat(j|i) . v_j

@@ -7,12 +7,12 @@ import torch
 from torch import Tensor, nn
 
 from capsx.errors import CapsxError
-from capsx.models.capsnet import CapsNet
+from capsx.models.capsule_classifier import CapsuleClassifier
 
 
-def require_decoder(model: nn.Module, what: str) -> CapsNet:
-    """The model as a CapsNet with a decoder, or a usage error saying why not."""
-    if not isinstance(model, CapsNet):
+def require_decoder(model: nn.Module, what: str) -> CapsuleClassifier:
+    """The model as a capsule model with a decoder, or a usage error saying why not."""
+    if not isinstance(model, CapsuleClassifier):
         raise CapsxError(f"{what} needs a capsule model; this run's model is {type(model).__name__}, "
                          "which has no class capsules")
     if model.decoder is None:
@@ -33,7 +33,7 @@ def perturbation_values(start: float, stop: float, steps: int) -> Tensor:
 
 
 @torch.no_grad()
-def perturb_capsule(model: CapsNet, capsule: Tensor, cls: int, dims: list[int], deltas: Tensor) -> Tensor:
+def perturb_capsule(model: CapsuleClassifier, capsule: Tensor, cls: int, dims: list[int], deltas: Tensor) -> Tensor:
     """Decode `capsule` (D,) of class `cls` with dimension d shifted by each delta, for each d in dims.
 
     Returns (len(dims), len(deltas), C, H, W): row = dimension, column = delta.
@@ -54,7 +54,7 @@ def perturb_capsule(model: CapsNet, capsule: Tensor, cls: int, dims: list[int], 
 
 
 @torch.no_grad()
-def class_capsules(model: CapsNet, images: Tensor, batch: int = 500) -> tuple[Tensor, Tensor]:
+def class_capsules(model: CapsuleClassifier, images: Tensor, batch: int = 500) -> tuple[Tensor, Tensor]:
     """Class capsules (N, K, D) and predictions (N,) of many images, in batches."""
     caps, preds = [], []
     for i in range(0, len(images), batch):
@@ -73,7 +73,8 @@ def class_mean_capsule(capsules: Tensor, predictions: Tensor, labels: Tensor, cl
 
 
 @torch.no_grad()
-def reconstruct_as(model: CapsNet, images: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def reconstruct_as(model: CapsuleClassifier, images: Tensor,
+                   classes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Reconstructions of `images` from the capsule of `classes` (default: the prediction).
 
     Returns (reconstructions, predictions, per-image sum of squared errors).

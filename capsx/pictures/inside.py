@@ -93,7 +93,8 @@ def layer_output(model: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
 
 def _capsnet(model: nn.Module, what: str) -> CapsNet:
     if not isinstance(model, CapsNet):
-        raise CapsxError(f"{what} needs a capsule model; this run's model is {type(model).__name__}")
+        raise CapsxError(f"{what} needs a CapsNet (its primary-capsule grid); this run's model is "
+                         f"{type(model).__name__}")
     return model
 
 
@@ -103,6 +104,11 @@ def primary_capsule_lengths(model: nn.Module, x: Tensor) -> Tensor:
     caps = _capsnet(model, "primary capsule lengths")
     u = caps.primary_caps(F.relu(caps.conv1(x[:1])))  # (1, I, d)
     return u.norm(dim=-1).view(*caps.primary_grid)
+
+
+def routing_of(model: nn.Module) -> str:
+    """The routing algorithm of a CapsNet's class capsules (`model.routing`)."""
+    return str(_capsnet(model, "routing").class_caps.routing)
 
 
 @torch.no_grad()

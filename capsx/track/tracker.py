@@ -407,6 +407,31 @@ def child_run_ids(uri: str, run_id: str) -> list[str]:
     return [r.info.run_id for r in runs]
 
 
+def runs_tagged(uri: str, key: str, value: str) -> list[Any]:
+    """Every run of the store (any experiment) whose tag `key` is `value`, oldest first (MLflow Runs)."""
+    client = _client(uri)
+    with _store_errors(uri):
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        if not experiments:
+            return []
+        return list(client.search_runs(experiments, filter_string=f"tags.`{key}` = '{value}'",
+                                       order_by=["attributes.start_time ASC"], max_results=50_000))
+
+
+def find_run(uri: str, run_id: str) -> Any | None:
+    """The MLflow Run `run_id`, or None when the store does not know it."""
+    try:
+        return _client(uri).get_run(run_id)
+    except Exception:
+        return None
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[Any]:
+    """Every logged value of metric `key` of a run (MLflow Metric objects: value, step)."""
+    with _store_errors(uri):
+        return list(_client(uri).get_metric_history(run_id, key))
+
+
 def parent_run_id(uri: str, run_id: str) -> str | None:
     """The run `run_id` is nested under, or None (also when the store does not know the run)."""
     client = _client(uri)
