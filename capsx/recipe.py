@@ -22,10 +22,17 @@ from capsx.models import MODELS, ModelConfig
 from capsx.paper import PaperNumber
 from capsx.registry import Registry
 from capsx.schema import Section, flatten
-from capsx.train.losses import BinaryCrossEntropyConfig, CrossEntropyConfig, LossConfig, MarginLossConfig
+from capsx.train.losses import (
+    BinaryCrossEntropyConfig,
+    CrossEntropyConfig,
+    LossConfig,
+    MarginLossConfig,
+    SpreadLossConfig,
+)
 from capsx.train.optim import OptimizerConfig, ScheduleConfig
 
-LOSSES = {c.model_fields["name"].default: c for c in (MarginLossConfig, CrossEntropyConfig, BinaryCrossEntropyConfig)}
+LOSSES = {c.model_fields["name"].default: c
+          for c in (MarginLossConfig, CrossEntropyConfig, BinaryCrossEntropyConfig, SpreadLossConfig)}
 MAX_YAML_VALUES = 100_000  # a recipe holds a few hundred; aliases must not expand it past this
 
 
@@ -134,10 +141,12 @@ class TrackingConfig(Section):
     system_metrics: bool = True  # MLflow's CPU, memory (and GPU, with pynvml) metrics on training runs
 
 
-def _default_loss_name(outputs_capsules: bool, objects: int) -> str:
-    """The loss a model gets without a `loss:` section: margin for capsule models, else cross-entropy
-    (binary cross-entropy per class for images of several objects)."""
-    return "margin" if outputs_capsules else "cross_entropy" if objects == 1 else "binary_cross_entropy"
+def _default_loss_name(model: type[ModelConfig], objects: int) -> str:
+    """The loss a model gets without a `loss:` section: its own (matrix capsules: spread), margin for
+    capsule models, else cross-entropy (binary cross-entropy per class for images of several objects)."""
+    if model.default_loss is not None:
+        return model.default_loss
+    return "margin" if model.outputs_capsules else "cross_entropy" if objects == 1 else "binary_cross_entropy"
 
 
 class Recipe(Section):
@@ -167,18 +176,18 @@ class Recipe(Section):
         if not isinstance(model_name, str) or not isinstance(data_name, str) or model_name not in MODELS \
                 or data_name not in DATASETS:
             return raw  # the model's or data's own error says what is wrong
-        name = _default_loss_name(MODELS.get(model_name).outputs_capsules, DATASETS.get(data_name).objects)
+        name = _default_loss_name(MODELS.get(model_name), DATASETS.get(data_name).objects)
         return {**raw, "loss": {"name": name, **raw["loss"]}}
 
     @model_validator(mode="after")
     def _default_loss(self) -> Recipe:
         if self.loss is None:
-            name = _default_loss_name(self.model.outputs_capsules, self.data.objects)
+            name = _default_loss_name(type(self.model), self.data.objects)
             object.__setattr__(self, "loss", LOSSES[name]())
         return self
 
     @property
-    def loss_config(self) -> MarginLossConfig | CrossEntropyConfig | BinaryCrossEntropyConfig:
+    def loss_config(self) -> MarginLossConfig | CrossEntropyConfig | BinaryCrossEntropyConfig | SpreadLossConfig:
         assert self.loss is not None  # filled in by the validator
         return self.loss
 

@@ -279,7 +279,7 @@ def prepared(tmp_path_factory):
 
 def test_the_table_has_all_its_cases():
     names = [c.values[0] if hasattr(c, "values") else c[0] for c in CASES]
-    assert len(CASES) == 114 and len(set(names)) == len(CASES)  # a case dropped by mistake shows
+    assert len(CASES) == 119 and len(set(names)) == len(CASES)  # a case dropped by mistake shows
 
 
 @pytest.mark.parametrize("name,text,args,code,words", CASES,

@@ -86,7 +86,7 @@ def test_a_grid_of_2_cells_x_2_seeds_stopped_by_ctrl_c_resumes_to_the_table_an_u
     # the resumed training ends where one never stopped ends: the same cell and seed, trained straight through
     resumed = next(r for r in runs if before.get(r.info.run_id) == "KILLED"
                    and r.data.tags["capsx.grid.role"] == "training")
-    raw = yaml.safe_load(open(recipe))
+    raw = yaml.safe_load((workdir / "tiny.yaml").read_text())
     raw["model"]["routing"], raw["tracking"]["experiment"] = "none", "straight"
     (workdir / "straight.yaml").write_text(yaml.safe_dump(raw))
     assert CliRunner().invoke(app, ["train", str(workdir / "straight.yaml")]).exit_code == 0

@@ -22,12 +22,13 @@ SMALL = {  # keep every registered model cheap here; the paper sizes are checked
     "densenet121": {},
     "googlenet": {},
     "efficient_capsnet": {"conv_channels": [8, 8, 8, 16], "decoder_hidden": [32, 64]},
+    "matrix_capsnet": {"conv1_channels": 4, "primary_types": 2, "caps1_types": 4, "caps2_types": 2},
 }
 # Where 28x28 is too small (densenet's ImageNet stem) or too slow: 32x32 RGB, batch 2.
 INPUT = {"densenet121": (2, 3, 32, 32), "googlenet": (2, 3, 32, 32)}
 # Models cheap enough to train 100 steps in a test. The torchvision family is checked instead by its
 # gradients here and by equivalence to torchvision's own models (test_classic.py).
-OVERFIT = ["capsnet", "efficient_capsnet", "baseline_cnn", "convnet_small", "lenet"]
+OVERFIT = ["capsnet", "efficient_capsnet", "matrix_capsnet", "baseline_cnn", "convnet_small", "lenet"]
 
 
 def test_every_registered_model_has_a_small_config_here():
@@ -67,6 +68,20 @@ def test_paper_parameter_counts():
     assert [r.output_shape for r in s.layers[:3]] == [(256, 20, 20), (1152, 8), (10, 16)]
     cnn = build_model(MODELS.get("baseline_cnn")(), (1, 28, 28), 10)
     assert sum(p.numel() for p in cnn.parameters()) == 35_445_522  # "35.4M"
+
+
+def test_matrix_capsnet_is_sized_as_its_paper_says_and_its_default_loss_is_spread():
+    from capsx.recipe import recipe_from_dict
+
+    model = build_model(MODELS.get("matrix_capsnet")(), (1, 32, 32), 5)  # smallNORB's 5 classes, Fig. 1
+    count = sum(p.numel() for p in model.parameters())
+    assert count == 316_394 and 300_000 <= count <= 320_000  # "about 310K" (A = B = C = D = 32)
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = model(x)
+    assert out.scores.shape == (2, 5) and out.capsules.shape == (2, 5, 16)
+    assert ((out.scores >= 0) & (out.scores <= 1)).all()  # class activations, logistic
+    raw = {"name": "m", "model": {"name": "matrix_capsnet"}, "data": {"name": "shapes"}}
+    assert recipe_from_dict(raw, "t").loss_config.name == "spread"
 
 
 def test_efficient_capsnet_is_sized_as_its_paper_says():
@@ -144,13 +159,16 @@ def test_tiny_model_overfits_a_tiny_batch(name):
     if "dropout" in MODELS.get(name).model_fields:
         kwargs["dropout"] = 0.0  # memorising 8 random images is the point here
     model = build_model(MODELS.get(name)(**kwargs), (1, 28, 28), 4)
-    from capsx.train.losses import CrossEntropyConfig, MarginLossConfig
+    from capsx.recipe import LOSSES, _default_loss_name
 
-    criterion = MarginLossConfig() if MODELS.get(name).outputs_capsules else CrossEntropyConfig()
+    criterion = LOSSES[_default_loss_name(MODELS.get(name), 1)]()  # the loss a recipe gives it by default
+    if criterion.name == "spread":  # EM's logistic activations at lambda 0.01 need far more than 100 steps
+        criterion = criterion.model_copy(update={"margin_end": 0.2})  # to part by 0.9: the start's margin
     x, y = torch.rand(8, 1, 28, 28), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    steps, lr = (50, 1e-2) if name == "matrix_capsnet" else (100, 3e-3)  # EM's many small ops: 33 ms a step
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for _ in range(100):
+    for _ in range(steps):
         terms = criterion(model(x, y), x, y)
         opt.zero_grad()
         terms.total.backward()

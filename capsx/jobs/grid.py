@@ -291,8 +291,9 @@ class GridTable:
         names = short if len(set(short)) == len(short) else keys  # the last part of each key, unless ambiguous
         n = len(self.spec.seeds) if self.spec.seeds else 1
         over = f"mean +- std over {n} seeds" if self.spec.seeds else "one training per cell"
-        table = Table(title=self.title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, caption=f"test error: {over}; "
-                      + ", ".join(f"{a} = {k}" for a, k in zip(names, keys, strict=True) if a != k),
+        caption = "; ".join([f"test error: {over}", *(f"{a} = {k}" for a, k in zip(names, keys, strict=True)
+                                                        if a != k)])
+        table = Table(title=self.title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, caption=caption,
                       caption_justify="left")
         for name in names:
             table.add_column(name, no_wrap=True, min_width=len(name))

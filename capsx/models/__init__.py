@@ -10,6 +10,7 @@ from capsx.models import capsnet as _capsnet  # noqa: F401
 from capsx.models import classic as _classic  # noqa: F401
 from capsx.models import cnn as _cnn  # noqa: F401
 from capsx.models import efficient_capsnet as _efficient_capsnet  # noqa: F401
+from capsx.models import matrix_capsnet as _matrix_capsnet  # noqa: F401
 from capsx.models.config import MODELS, ModelConfig, register_model
 from capsx.models.output import ModelOutput
 

@@ -18,6 +18,7 @@ class ModelConfig(Section):
 
     name: str
     outputs_capsules: ClassVar[bool] = False  # class capsules whose lengths are the scores: the margin loss by default
+    default_loss: ClassVar[str | None] = None  # a loss of its own without a `loss:` section (matrix capsules: spread)
     pretrained: str | None = None  # weights file: a torchvision state dict or a capsx checkpoint
     freeze: int | list[str] = 0  # the first N layers (negative: all but the last -N), or module names
     head: Literal["keep", "replace"] = "keep"  # replace: a new classifier for this data set's classes

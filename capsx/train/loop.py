@@ -66,7 +66,8 @@ class QuietReporter:
 
 
 class Criterion(Protocol):
-    def __call__(self, out: ModelOutput, targets: torch.Tensor, labels: torch.Tensor) -> LossTerms: ...
+    def __call__(self, out: ModelOutput, targets: torch.Tensor, labels: torch.Tensor,
+                 progress: float = 1.0) -> LossTerms: ...
 
 
 @dataclass
@@ -154,6 +155,7 @@ class Step:
     scaler: torch.amp.GradScaler
     precision: str
     lr_at: Callable[[int], float]  # the learning rate at a global step
+    progress_at: Callable[[int], float] = lambda step: 1.0  # the fraction of the run done at a global step
 
 
 @dataclass
@@ -257,7 +259,7 @@ def _build(recipe: Recipe, run: Run, resume: Checkpoint | None, splits: DataSpli
     def lr_at(step: int) -> float:
         return recipe.optimizer.lr * lr_factor(recipe.schedule, step, total_steps)
 
-    step = Step(recipe.loss_config, optimizer, scaler, cfg.precision, lr_at)
+    step = Step(recipe.loss_config, optimizer, scaler, cfg.precision, lr_at, lambda s: s / max(1, total_steps))
     return Training(recipe, run, model, net, step, state, train_batches, test_batches, splits.classes)
 
 
@@ -307,7 +309,7 @@ def train_one_epoch(net: nn.Module, batches: Batches, step: Step, state: TrainSt
         set_lr(step.optimizer, lr)
         with autocast(run.device, step.precision):
             out = net(images, labels)
-            terms = step.criterion(out, targets, labels)
+            terms = step.criterion(out, targets, labels, step.progress_at(state.global_step))
         step.optimizer.zero_grad(set_to_none=True)
         step.scaler.scale(terms.total).backward()
         step.scaler.step(step.optimizer)

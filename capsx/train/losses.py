@@ -1,5 +1,6 @@
 """Losses: the paper's margin loss (+ scaled reconstruction loss), cross-entropy,
-and binary cross-entropy on sigmoid outputs for several labels per image.
+binary cross-entropy on sigmoid outputs for several labels per image, and the spread loss of matrix
+capsules (its margin grows over the training: `progress`, the fraction of the run's steps done).
 
 A criterion maps (model output, reconstruction targets, labels) to `LossTerms`:
 the total to back-propagate (a batch mean) and its named parts, per sample, for
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from capsx.errors import CapsxError
 from capsx.models.output import ModelOutput
 from capsx.schema import Section
 
@@ -59,7 +61,7 @@ class MarginLossConfig(Section):
     down_weight: float = Field(0.5, ge=0)  # the paper's lambda for absent classes
     recon_weight: float = Field(0.0005, ge=0)  # scales the reconstruction loss so it does not dominate
 
-    def __call__(self, out: ModelOutput, targets: Tensor, labels: Tensor) -> LossTerms:
+    def __call__(self, out: ModelOutput, targets: Tensor, labels: Tensor, progress: float = 1.0) -> LossTerms:
         present = class_targets(labels, out.scores.shape[1], out.scores.dtype)
         margin = margin_loss(out.scores, present, self.m_plus, self.m_minus, self.down_weight)
         parts = {"margin_loss": margin}
@@ -77,7 +79,7 @@ class CrossEntropyConfig(Section):
     name: Literal["cross_entropy"] = "cross_entropy"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
-    def __call__(self, out: ModelOutput, targets: Tensor, labels: Tensor) -> LossTerms:
+    def __call__(self, out: ModelOutput, targets: Tensor, labels: Tensor, progress: float = 1.0) -> LossTerms:
         ce = F.cross_entropy(out.scores.float(), labels, reduction="none", label_smoothing=self.label_smoothing)
         return LossTerms(total=ce.mean(), parts={"ce_loss": ce})
 
@@ -88,13 +90,39 @@ class BinaryCrossEntropyConfig(Section):
 
     name: Literal["binary_cross_entropy"] = "binary_cross_entropy"
 
-    def __call__(self, out: ModelOutput, targets: Tensor, labels: Tensor) -> LossTerms:
+    def __call__(self, out: ModelOutput, targets: Tensor, labels: Tensor, progress: float = 1.0) -> LossTerms:
         present = class_targets(labels, out.scores.shape[1], torch.float32)
         bce = F.binary_cross_entropy_with_logits(out.scores.float(), present, reduction="none").sum(dim=1)
         return LossTerms(total=bce.mean(), parts={"bce_loss": bce})
 
 
-LossConfig = Annotated[MarginLossConfig | CrossEntropyConfig | BinaryCrossEntropyConfig, Field(discriminator="name")]
+def spread_loss(scores: Tensor, labels: Tensor, margin: float) -> Tensor:
+    """Matrix capsules' Eq. 3: sum over the wrong classes i of max(0, m - (a_t - a_i))^2, (B,)."""
+    a_t = scores.gather(1, labels.unsqueeze(1))  # (B, 1)
+    gap = F.relu(margin - (a_t - scores)) ** 2  # (B, K)
+    return gap.scatter(1, labels.unsqueeze(1), 0.0).sum(dim=1)  # without the true class's own term
+
+
+class SpreadLossConfig(Section):
+    """`loss: {name: spread}`: matrix capsules' loss on the class activations; the margin rises linearly
+    from `margin_start` to `margin_end` over the training (paper: 0.2 to 0.9); evaluation uses `margin_end`."""
+
+    name: Literal["spread"] = "spread"
+    margin_start: float = Field(0.2, ge=0, le=1)
+    margin_end: float = Field(0.9, ge=0, le=1)
+
+    def margin(self, progress: float) -> float:
+        return self.margin_start + (self.margin_end - self.margin_start) * min(max(progress, 0.0), 1.0)
+
+    def __call__(self, out: ModelOutput, targets: Tensor, labels: Tensor, progress: float = 1.0) -> LossTerms:
+        if labels.dim() != 1:
+            raise CapsxError("loss.name: spread takes one label per image; this data set has several")
+        spread = spread_loss(out.scores.float(), labels, self.margin(progress))
+        return LossTerms(total=spread.mean(), parts={"spread_loss": spread})
+
+
+LossConfig = Annotated[MarginLossConfig | CrossEntropyConfig | BinaryCrossEntropyConfig | SpreadLossConfig,
+                       Field(discriminator="name")]
 
 __all__ = ["BinaryCrossEntropyConfig", "CrossEntropyConfig", "LossConfig", "LossTerms", "MarginLossConfig",
-           "class_targets", "margin_loss", "reconstruction_loss"]
+           "SpreadLossConfig", "class_targets", "margin_loss", "reconstruction_loss", "spread_loss"]
