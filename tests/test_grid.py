@@ -101,6 +101,7 @@ def test_a_grid_of_2_cells_x_2_seeds_stopped_by_ctrl_c_resumes_to_the_table_an_u
     res = CliRunner().invoke(app, ["eval", parent.info.run_id])
     assert res.exit_code == 0, res.output
     assert "dynamic" in res.output and "none" in res.output and f"{100 * mean:.2f} +- " in res.output
+    assert "…" not in res.output  # nothing cut at 80 columns
     assert "test error: mean +- std over 2 seeds" in res.output
     logged = client.get_run(parent.info.run_id)
     assert logged.info.status == "FINISHED" and logged.data.metrics["grid/cell1_test_error_mean"] == mean

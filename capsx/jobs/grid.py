@@ -291,13 +291,14 @@ class GridTable:
         names = short if len(set(short)) == len(short) else keys  # the last part of each key, unless ambiguous
         n = len(self.spec.seeds) if self.spec.seeds else 1
         over = f"mean +- std over {n} seeds" if self.spec.seeds else "one training per cell"
+        over += "; time: the cell's trainings, evaluation included"
         caption = "; ".join([f"test error: {over}", *(f"{a} = {k}" for a, k in zip(names, keys, strict=True)
                                                         if a != k)])
         table = Table(title=self.title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, caption=caption,
                       caption_justify="left")
         for name in names:
             table.add_column(name, no_wrap=True, min_width=len(name))
-        for header in ("test error", "best epoch", "parameters", "wall time"):
+        for header in ("test error %", "best epochs", "params", "time"):
             table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
         for row in self.rows:
             d = row.as_dict()
@@ -306,12 +307,18 @@ class GridTable:
                 table.add_row(*values, "not trained", "", "", "")
                 continue
             error = f"{100 * d['test_error_mean']:.2f}"
-            error += f" +- {100 * d['test_error_std']:.2f}%" if self.spec.seeds else "%"
+            if self.spec.seeds:
+                error += f" +- {100 * d['test_error_std']:.2f}"
             if not d["done"]:
                 error += f" ({len(row.trainings)} of {row.expected})"
             table.add_row(*values, error, ", ".join(map(str, d["best_epochs"])),
-                          f"{d['params']:,}" if d["params"] else "?", f"{d['seconds']:.0f} s")
+                          f"{d['params']:,}" if d["params"] else "?", _duration(d["seconds"]))
         return table
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
 
 
 def grid_table(uri: str, parent_id: str) -> GridTable:
