@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from capsx.errors import CapsxError
 from capsx.jobs.context import Context
+from capsx.jobs.seeds import mean_std, seeded_recipe
 from capsx.jobs.training import run_tags, run_training
 from capsx.recipe import Recipe, load_recipe, recipe_from_dict
 from capsx.track.runs import ensure_writable
@@ -177,10 +177,7 @@ def _train_cells(spec: GridSpec, recipes: list[Recipe], ctx: Context, parent_id:
             cell_run.log_params(recipe.params())
         cell_id = cell_run.run_id
         for seed in spec.seeds:
-            raw = recipe.model_dump(mode="json", exclude_unset=True)
-            raw.setdefault("train", {})["seed"] = seed
-            raw.setdefault("tracking", {})["run_name"] = f"{recipe.name} {label} seed {seed}"
-            seeded = recipe_from_dict(raw, source=spec.recipe).overridden(recipe.overridden_keys)
+            seeded = seeded_recipe(recipe, seed, f"{recipe.name} {label} seed {seed}", spec.recipe)
             done = [r for r in mine if r.data.tags.get(ROLE_TAG) == "training"
                     and r.data.tags.get("capsx.seed") == str(seed)]
             code = _train_once(seeded, ctx, spec, f"{label} seed {seed}", done, cell_id,
@@ -189,7 +186,7 @@ def _train_cells(spec: GridSpec, recipes: list[Recipe], ctx: Context, parent_id:
                 cell_run.end("KILLED", note=f"stopped during seed {seed}")
                 return code
         errors = [r.error for r in _leaf_rows(grid_runs(uri, parent_id), tag)]
-        mean, std = _mean_std(errors)
+        mean, std = mean_std(errors)
         cell_run.log_metrics({"seeds/test_error_mean": mean, "seeds/test_error_std": std,
                               "seeds/count": float(len(errors))}, step=0)
         cell_run.end("FINISHED")
@@ -250,15 +247,6 @@ def _leaf_rows(runs: list[Any], tag: str, uri: str | None = None) -> list[LeafRo
     return out
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for one value), as `train --seeds` reports them."""
-    if not xs:
-        return math.nan, math.nan
-    mean = sum(xs) / len(xs)
-    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
-    return mean, math.sqrt(var)
-
-
 @dataclass
 class GridRow:
     cell: Cell
@@ -267,10 +255,10 @@ class GridRow:
 
     @property
     def error_mean(self) -> float | None:
-        return _mean_std([t.error for t in self.trainings])[0] if self.trainings else None
+        return mean_std([t.error for t in self.trainings])[0] if self.trainings else None
 
     def as_dict(self) -> dict[str, Any]:
-        mean, std = _mean_std([t.error for t in self.trainings])
+        mean, std = mean_std([t.error for t in self.trainings])
         return {"cell": dict(self.cell), "runs": [t.run_id for t in self.trainings],
                 "test_error_mean": mean if self.trainings else None,
                 "test_error_std": std if self.trainings else None,

@@ -28,10 +28,25 @@ class SeedSummary:
         """Mean and sample standard deviation (n - 1; 0 for one seed) of the test errors."""
         out: dict[str, float] = {"seeds/count": float(len(self.seeds))}
         for key, xs in (("test_error", self.final_errors), ("best_test_error", self.best_errors)):
-            mean = sum(xs) / len(xs)
-            var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
-            out[f"seeds/{key}_mean"], out[f"seeds/{key}_std"] = mean, math.sqrt(var)
+            out[f"seeds/{key}_mean"], out[f"seeds/{key}_std"] = mean_std(xs)
         return out
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value; NaN for none)."""
+    if not xs:
+        return math.nan, math.nan
+    mean = sum(xs) / len(xs)
+    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def seeded_recipe(recipe: Recipe, seed: int, run_name: str, source: str) -> Recipe:
+    """`recipe` with `train.seed` and the run name set, logging the same choices (its overridden keys)."""
+    raw = recipe.model_dump(mode="json", exclude_unset=True)
+    raw.setdefault("train", {})["seed"] = seed
+    raw.setdefault("tracking", {})["run_name"] = run_name
+    return recipe_from_dict(raw, source=source).overridden(recipe.overridden_keys)
 
 
 def run_seeds(recipe: Recipe, seeds: list[int], ctx: Context, *, recipe_path: str) -> tuple[int, SeedSummary]:
@@ -54,10 +69,7 @@ def run_seeds(recipe: Recipe, seeds: list[int], ctx: Context, *, recipe_path: st
                   + (f": parent run {parent.run_id}" if ctx.track else ""), soft_wrap=True)
     try:
         for seed in seeds:
-            raw = recipe.model_dump(mode="json", exclude_unset=True)  # so each child logs the same choices
-            raw.setdefault("train", {})["seed"] = seed
-            raw.setdefault("tracking", {})["run_name"] = f"{recipe.tracking.run_name or recipe.name} seed {seed}"
-            child = recipe_from_dict(raw, source=recipe_path).overridden(recipe.overridden_keys)
+            child = seeded_recipe(recipe, seed, f"{recipe.tracking.run_name or recipe.name} seed {seed}", recipe_path)
             done = run_training(child, ctx.with_store(uri),
                                 recipe_path=recipe_path, parent_run_id=parent.run_id if ctx.track else None)
             if done.code:
