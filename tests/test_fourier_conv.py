@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from capsx.models import MODELS, build_model
-from capsx.models.fourier_conv import dft_matrices, fourier_conv2d
+from capsx.models.fourier_conv import fourier_conv2d, half_spectrum, half_spectrum_adjoint
 from capsx.models.reference import ReferenceCapsNet
 
 pytestmark = pytest.mark.numerics  # run again under a lower CPU capability (tests/lower_isa.py)
@@ -36,13 +36,23 @@ def test_output_and_gradients_equal_conv2d(xs, ws, stride):
         assert torch.allclose(got, want, atol=1e-10), name
 
 
-@pytest.mark.parametrize("h, w", [(20, 20), (7, 10)])
-def test_the_image_dft_matrix_is_torchs_rfft2(h, w):
-    x = torch.randn(3, h, w, dtype=torch.double)
-    to_x, _, _ = dft_matrices(h, w, 3, 3, 2, torch.double, torch.device("cpu"))
-    X = (x.reshape(3, h * w) @ to_x).view(3, 2, h, w // 2 + 1)  # [Re | Im], u-major
-    want = torch.fft.rfft2(x)
-    assert torch.allclose(X[:, 0], want.real, atol=1e-10) and torch.allclose(X[:, 1], want.imag, atol=1e-10)
+@pytest.mark.parametrize("h, w, H, W", [(20, 20, 20, 20), (7, 10, 7, 10), (9, 9, 20, 20), (3, 4, 7, 10)])
+def test_the_separable_half_spectrum_is_torchs_rfft2_and_its_conjugate(h, w, H, W):
+    torch.manual_seed(0)
+    maps = torch.randn(3, h, w, dtype=torch.double)
+    want = torch.fft.rfft2(maps, s=(H, W))  # zero-padded to H x W
+    for sign, expect in ((-1, want), (+1, want.conj())):
+        X = half_spectrum(maps, H, W, sign).view(2, H, W // 2 + 1, 3).permute(0, 3, 1, 2)
+        assert torch.allclose(X[0], expect.real, atol=1e-10) and torch.allclose(X[1], expect.imag, atol=1e-10)
+
+
+def test_the_half_spectrum_adjoint_is_its_transpose():
+    torch.manual_seed(0)
+    maps, spectra = torch.randn(4, 5, 3, dtype=torch.double), torch.randn(2, 8 * 4, 4, dtype=torch.double)
+    # <A x, y> = <x, A^T y> for the linear map A
+    lhs = (half_spectrum(maps, 8, 6, -1) * spectra).sum()
+    rhs = (maps * half_spectrum_adjoint(spectra, 5, 3, 8, 6, -1)).sum()
+    assert torch.allclose(lhs, rhs, atol=1e-10)
 
 
 def test_gradcheck_without_bias():

@@ -77,6 +77,7 @@ def test_fast_routing_equals_literal_procedure_1(iterations):
     u = _u_hat().double().requires_grad_()
     weights = torch.randn(4, 5, 6, dtype=torch.double, generator=torch.Generator().manual_seed(1))
     fast = dynamic_routing(u, iterations)
+    assert "DynamicRouting" in type(fast.grad_fn).__name__  # the backward written out, not autograd's
     (g_fast,) = torch.autograd.grad((fast * weights).sum(), u)
     ref = routing_reference(u, iterations)
     (g_ref,) = torch.autograd.grad((ref * weights).sum(), u)

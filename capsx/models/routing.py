@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 SQUASH_EPS = 1e-8  # |s| can be exactly 0 (a dead primary capsule); keep sqrt's gradient finite
 
@@ -109,29 +110,112 @@ def dynamic_routing(u_hat: Tensor, iterations: int, trace: RoutingTrace | None =
     Returns v (B, J, D). The logits b are per sample, so a sample's result
     does not depend on the rest of the batch. If `trace` is given, it is filled in.
     `leaky`: the leaky softmax (see the module's docstring); the first couplings are then 1/(J + 1).
+    With autograd, the iterations run as one function with its own backward (`_DynamicRouting`).
     """
     B, I, J, D = u_hat.shape
     # One copy into (B*J, I, D): both routing products become contiguous matrix-vector
     # bmm's, faster than einsum on (B, I, J, D), which permutes u_hat twice per iteration.
     u = u_hat.transpose(1, 2).reshape(B * J, I, D)
+    if trace is None and torch.is_grad_enabled() and u.requires_grad:
+        v: Tensor = _DynamicRouting.apply(u, B, iterations, leaky)
+        return v
+    return _iterate(u, B, iterations, leaky, trace)[0]
+
+
+@dataclass
+class _Iterates:
+    """What Procedure 1 computed at each iteration t = 1..T, kept for the backward."""
+
+    s: list[Tensor] = field(default_factory=list)  # (B*J, D) before the squash
+    v: list[Tensor] = field(default_factory=list)  # (B*J, D)
+    b: list[Tensor] = field(default_factory=list)  # (B, J, I) logits of iterations 2..T
+    c: list[Tensor] = field(default_factory=list)  # (B, J, I) couplings of iterations 2..T
+
+
+def _iterate(u: Tensor, B: int, iterations: int, leaky: bool,
+             trace: RoutingTrace | None = None) -> tuple[Tensor, _Iterates]:
+    """Procedure 1 on u (B*J, I, D): v (B, J, D) and the iterates."""
+    N, I, D = u.shape
+    J = N // B
+    it = _Iterates()
     # First iteration: b = 0, so c_ij = 1/J for every pair and s_j = sum_i u_hat(j|i) / J.
     first = 1.0 / (J + 1) if leaky else 1.0 / J
-    v = squash(u_hat.sum(dim=1) * first)  # (B, J, D)
+    s = u.sum(dim=1) * first  # (B*J, D)
+    v = squash(s)
+    it.s.append(s)
+    it.v.append(v)
     if trace is not None:
-        trace.couplings.append(u_hat.new_full((B, I, J), first).detach())
+        trace.couplings.append(u.new_full((B, I, J), first).detach())
     b = None
     for _ in range(1, iterations):
-        agreement = _Agreement.apply(u, v.reshape(B * J, D)).view(B, J, I)  # u_hat(j|i) . v_j
+        agreement = _Agreement.apply(u, v).view(B, J, I)  # u_hat(j|i) . v_j
         b = agreement if b is None else b + agreement  # (B, J, I)
         c = _couplings(b, leaky)  # each input capsule i splits itself over the J parents
-        v = squash(torch.bmm(c.view(B * J, 1, I), u).view(B, J, D))  # s_j = sum_i c_ij u_hat(j|i)
+        s = torch.bmm(c.view(N, 1, I), u).view(N, D)  # s_j = sum_i c_ij u_hat(j|i)
+        v = squash(s)
+        it.b.append(b)
+        it.c.append(c)
+        it.s.append(s)
+        it.v.append(v)
         if trace is not None:
             trace.mean_abs_delta_b.append(agreement.detach().abs().mean().item())
             trace.couplings.append(c.detach().transpose(1, 2))  # as (B, I, J)
     if trace is not None:  # the update the last iteration would make (Procedure 1, line 7)
-        last = torch.bmm(u, v.reshape(B * J, D, 1))
+        last = torch.bmm(u, v.view(N, D, 1))
         trace.mean_abs_delta_b.append(last.detach().abs().mean().item())
-    return v
+    return v.view(B, J, D), it
+
+
+def _vjp(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor) -> Tensor:
+    """grad^T d fn(x) / dx by autograd, for the small per-iteration maps (squash, the couplings)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(x), x, grad)
+    return g
+
+
+class _DynamicRouting(torch.autograd.Function):
+    """Procedure 1 with a backward that writes the gradient of u_hat once.
+
+    u enters every iteration twice (the agreement u . v_{t-1} and the sum s_t = sum_i c_ti u_i), so
+    autograd's gradient of u is 2T - 1 outer products of (B*J, I) by (B*J, D), each summed into the
+    last: that was 120 ms of the routing's 165 ms forward + backward at batch 128. Written out,
+    grad u[n, i] = sum_t c_t[n, i] gs_t[n] + sum_t gb_t[n, i] v_{t-1}[n] + gs_1[n] / J, one batched
+    product of (I, 2T - 1) coefficients by (2T - 1, D) vectors per row n. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, B: int, iterations: int, leaky: bool) -> Tensor:
+        v, it = _iterate(u, B, iterations, leaky)
+        ctx.save_for_backward(u, *it.s, *it.v, *it.b, *it.c)
+        ctx.config = (B, iterations, leaky)
+        return v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_v: Tensor) -> tuple[Tensor | None, None, None, None]:
+        B, T, leaky = ctx.config
+        u, *rest = ctx.saved_tensors
+        s, v, b, c = rest[:T], rest[T:2 * T], rest[2 * T:3 * T - 1], rest[3 * T - 1:]
+        N, I, D = u.shape
+        J = N // B
+        coefficients, vectors = [], []  # grad u = sum_k coefficients[k] (N, I) x vectors[k] (N, D)
+        gv = grad_v.reshape(N, D)
+        gb_later = None  # d loss / d b_t through the later iterations (b_{t+1} = b_t + a_{t+1})
+        for t in range(T - 1, 0, -1):  # iteration t + 1 of Procedure 1 (0-based lists)
+            gs = _vjp(squash, s[t], gv)
+            gc = torch.bmm(u, gs.unsqueeze(2)).view(B, J, I)  # s = c u  ->  dc = u . gs
+            gb = _vjp(lambda x: _couplings(x, leaky), b[t - 1], gc)
+            if gb_later is not None:
+                gb = gb + gb_later
+            coefficients += [c[t - 1].reshape(N, I), gb.reshape(N, I)]
+            vectors += [gs, v[t - 1]]
+            gv = torch.bmm(gb.reshape(N, 1, I), u).view(N, D)  # a = u . v_{t-1}  ->  dv_{t-1} = gb u
+            gb_later = gb
+        first = 1.0 / (J + 1) if leaky else 1.0 / J
+        coefficients.append(u.new_full((N, I), first))
+        vectors.append(_vjp(squash, s[0], gv))
+        grad_u = torch.bmm(torch.stack(coefficients, dim=2), torch.stack(vectors, dim=1))
+        return grad_u, None, None, None
 
 
 def attention_routing(u_hat: Tensor, prior: Tensor, trace: RoutingTrace | None = None,
