@@ -129,7 +129,6 @@ class _Iterates:
     s: list[Tensor] = field(default_factory=list)  # (B*J, D) before the squash
     v: list[Tensor] = field(default_factory=list)  # (B*J, D)
     b: list[Tensor] = field(default_factory=list)  # (B, J, I) logits of iterations 2..T
-    c: list[Tensor] = field(default_factory=list)  # (B, J, I) couplings of iterations 2..T
 
 
 def _iterate(u: Tensor, B: int, iterations: int, leaky: bool,
@@ -138,8 +137,7 @@ def _iterate(u: Tensor, B: int, iterations: int, leaky: bool,
     N, I, D = u.shape
     J = N // B
     it = _Iterates()
-    # First iteration: b = 0, so c_ij = 1/J for every pair and s_j = sum_i u_hat(j|i) / J.
-    first = 1.0 / (J + 1) if leaky else 1.0 / J
+    first = _first_coupling(J, leaky)
     s = u.sum(dim=1) * first  # (B*J, D)
     v = squash(s)
     it.s.append(s)
@@ -154,7 +152,6 @@ def _iterate(u: Tensor, B: int, iterations: int, leaky: bool,
         s = torch.bmm(c.view(N, 1, I), u).view(N, D)  # s_j = sum_i c_ij u_hat(j|i)
         v = squash(s)
         it.b.append(b)
-        it.c.append(c)
         it.s.append(s)
         it.v.append(v)
         if trace is not None:
@@ -166,12 +163,18 @@ def _iterate(u: Tensor, B: int, iterations: int, leaky: bool,
     return v.view(B, J, D), it
 
 
-def _vjp(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor) -> Tensor:
-    """grad^T d fn(x) / dx by autograd, for the small per-iteration maps (squash, the couplings)."""
+def _first_coupling(J: int, leaky: bool) -> float:
+    """Iteration 1's c_ij: b = 0, so 1/J for every pair (1/(J + 1) with the leaky softmax's orphan)."""
+    return 1.0 / (J + 1) if leaky else 1.0 / J
+
+
+def _vjp(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """fn(x) and grad^T d fn(x) / dx by autograd, for the small per-iteration maps (squash, the couplings)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(fn(x), x, grad)
-    return g
+        y = fn(x)
+        (g,) = torch.autograd.grad(y, x, grad)
+    return y.detach(), g
 
 
 class _DynamicRouting(torch.autograd.Function):
@@ -186,7 +189,7 @@ class _DynamicRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, u: Tensor, B: int, iterations: int, leaky: bool) -> Tensor:
         v, it = _iterate(u, B, iterations, leaky)
-        ctx.save_for_backward(u, *it.s, *it.v, *it.b, *it.c)
+        ctx.save_for_backward(u, *it.s, *it.v, *it.b)  # the couplings are recomputed from b
         ctx.config = (B, iterations, leaky)
         return v
 
@@ -195,25 +198,24 @@ class _DynamicRouting(torch.autograd.Function):
     def backward(ctx: Any, grad_v: Tensor) -> tuple[Tensor | None, None, None, None]:
         B, T, leaky = ctx.config
         u, *rest = ctx.saved_tensors
-        s, v, b, c = rest[:T], rest[T:2 * T], rest[2 * T:3 * T - 1], rest[3 * T - 1:]
+        s, v, b = rest[:T], rest[T:2 * T], rest[2 * T:]
         N, I, D = u.shape
         J = N // B
         coefficients, vectors = [], []  # grad u = sum_k coefficients[k] (N, I) x vectors[k] (N, D)
         gv = grad_v.reshape(N, D)
         gb_later = None  # d loss / d b_t through the later iterations (b_{t+1} = b_t + a_{t+1})
         for t in range(T - 1, 0, -1):  # iteration t + 1 of Procedure 1 (0-based lists)
-            gs = _vjp(squash, s[t], gv)
+            gs = _vjp(squash, s[t], gv)[1]
             gc = torch.bmm(u, gs.unsqueeze(2)).view(B, J, I)  # s = c u  ->  dc = u . gs
-            gb = _vjp(lambda x: _couplings(x, leaky), b[t - 1], gc)
+            c, gb = _vjp(lambda x: _couplings(x, leaky), b[t - 1], gc)
             if gb_later is not None:
                 gb = gb + gb_later
-            coefficients += [c[t - 1].reshape(N, I), gb.reshape(N, I)]
+            coefficients += [c.reshape(N, I), gb.reshape(N, I)]
             vectors += [gs, v[t - 1]]
             gv = torch.bmm(gb.reshape(N, 1, I), u).view(N, D)  # a = u . v_{t-1}  ->  dv_{t-1} = gb u
             gb_later = gb
-        first = 1.0 / (J + 1) if leaky else 1.0 / J
-        coefficients.append(u.new_full((N, I), first))
-        vectors.append(_vjp(squash, s[0], gv))
+        coefficients.append(u.new_full((N, I), _first_coupling(J, leaky)))
+        vectors.append(_vjp(squash, s[0], gv)[1])
         grad_u = torch.bmm(torch.stack(coefficients, dim=2), torch.stack(vectors, dim=1))
         return grad_u, None, None, None
 
