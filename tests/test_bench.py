@@ -12,7 +12,8 @@ from capsx.cli import app
 from tests.conftest import REPO, tiny_recipe
 
 
-def test_bench_json_has_the_promised_keys_and_logs_to_mlflow(workdir):
+def test_bench_json_has_the_promised_keys_and_logs_to_mlflow(workdir, monkeypatch):
+    monkeypatch.setenv("CAPSX_CONV_ALGORITHM", "fourier")  # the arithmetic's claim below is the transform's
     res = CliRunner().invoke(app, ["bench", str(REPO / "recipes" / "mnist-capsnet.yaml"), "--rounds", "1",
                                    "--steps", "1", "--batch", "32", "--infer-batch", "8", "--json"])
     assert res.exit_code == 0, res.output
@@ -23,6 +24,8 @@ def test_bench_json_has_the_promised_keys_and_logs_to_mlflow(workdir):
     assert out["train_images_per_s"] > 0 and out["matmul_peak_gflops"] > 0
     # fp32: the frequency-domain PrimaryCaps does less arithmetic than the direct convolution it replaces
     assert 0 < out["gflops_computed"] < 0.7 * out["gflops_achieved"]
+    assert out["paths"] == {"256x20x20->256 k9 s2 float32 train batch 32": "fourier (forced by CAPSX_CONV_ALGORITHM)",
+                            "256x20x20->256 k9 s2 float32 infer batch 8": "fourier (forced by CAPSX_CONV_ALGORITHM)"}
     client = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
     assert run.data.metrics["train_images_per_s"] == out["train_images_per_s"]
@@ -46,6 +49,8 @@ def test_bench_runs_on_the_cpu_unless_told_otherwise(workdir):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["device"].startswith("cpu (") and out["peak_gpu_mb"] is None
     assert out["matmul_peak_note"] == "fp32 matmul on cpu" and out["routing"] == "dynamic"
+    # PrimaryCaps' conv algorithm measured for the training and the inference batch, each timing reported
+    assert len(out["paths"]) == 2 and all(" ms direct (" in why for why in out["paths"].values()), out["paths"]
 
 
 def test_bench_times_the_routing_set_on_the_command_line_on_both_paths_with_the_same_weights(workdir):

@@ -81,8 +81,9 @@ def test_fp32_capsnet_takes_the_fourier_path_and_matches_the_direct_reference(mo
     fast, ref = _paper_like_pair()
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 5, 9, 0])
     h = torch.relu(fast.conv1(x))
-    assert "Convolution" in fast.primary_caps.convolve(h).grad_fn.name()  # 4 < FOURIER_MIN_BATCH: direct
-    monkeypatch.setattr(fast.primary_caps, "FOURIER_MIN_BATCH", 2)
+    monkeypatch.setenv("CAPSX_CONV_ALGORITHM", "direct")
+    assert "Convolution" in fast.primary_caps.convolve(h).grad_fn.name()
+    monkeypatch.setenv("CAPSX_CONV_ALGORITHM", "fourier")
     assert "FourierConv" in fast.primary_caps.convolve(h).grad_fn.name()
     assert "Convolution" in ref.primary_caps.conv(h).grad_fn.name()
     of, orf = fast(x, y), ref(x, y)
@@ -96,7 +97,7 @@ def test_fp32_capsnet_takes_the_fourier_path_and_matches_the_direct_reference(mo
 
 def test_bf16_autocast_runs_the_fourier_path_in_bf16_within_bf16_error(monkeypatch):
     fast, _ = _paper_like_pair()
-    monkeypatch.setattr(fast.primary_caps, "FOURIER_MIN_BATCH", 2)
+    monkeypatch.setenv("CAPSX_CONV_ALGORITHM", "fourier")
     h = torch.rand(4, 32, 20, 20)
     exact = torch.nn.functional.conv2d(
         h.double(), fast.primary_caps.conv.weight.double(), fast.primary_caps.conv.bias.double(), stride=2)
@@ -115,7 +116,7 @@ def test_bf16_autocast_runs_the_fourier_path_in_bf16_within_bf16_error(monkeypat
 def test_chunked_inference_equals_one_pass(monkeypatch):
     fast, _ = _paper_like_pair()
     h = torch.rand(7, 32, 20, 20)
-    monkeypatch.setattr(fast.primary_caps, "FOURIER_MIN_BATCH", 1)
+    monkeypatch.setenv("CAPSX_CONV_ALGORITHM", "fourier")
     with torch.no_grad():
         whole = fast.primary_caps(h)
         monkeypatch.setattr(fast.primary_caps, "FOURIER_CHUNK", 3)  # 7 samples -> chunks of 3, 3, 1

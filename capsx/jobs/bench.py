@@ -24,6 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from capsx.errors import CapsxError
 from capsx.models.capsnet import CapsNet, CapsNetConfig
+from capsx.models.conv_algorithm import choices_made
+from capsx.models.conv_algorithm import forget as forget_conv_choices
 from capsx.models.reference import ReferenceCapsNet
 from capsx.recipe import Recipe
 from capsx.track.tracker import Tracker
@@ -63,6 +65,7 @@ class BenchResult:
     device: str = "cpu"  # describe_device's words
     matmul_peak_note: str = ""  # the product's dtype and, on CUDA, whether TF32 was allowed
     routing: str = "dynamic"  # the CapsNet's model.routing, benchmarked on both paths
+    paths: dict[str, str] = field(default_factory=dict)  # PrimaryCaps' conv algorithm per problem, and why
 
     def ratio(self, kind: str) -> float:
         fast, ref = getattr(self.fast, kind), getattr(self.reference, kind)
@@ -78,7 +81,7 @@ class BenchResult:
         """The arithmetic capsx actually performs per second of training."""
         return self.train_flops_computed_per_image * self.fast.train_median / 1e9
 
-    def as_json(self) -> dict[str, float | int | str | None]:
+    def as_json(self) -> dict[str, float | int | str | dict[str, str] | None]:
         def mb(b: int | None) -> float | None:
             return None if b is None else round(b / 2**20, 1)
 
@@ -101,6 +104,7 @@ class BenchResult:
             "train_speedup": round(self.ratio("train"), 2),
             "infer_speedup": round(self.ratio("infer"), 2),
             "compile_seconds": None if self.compile_seconds is None else round(self.compile_seconds, 1),
+            "paths": self.paths,  # type: ignore[dict-item]
         }
 
 
@@ -165,8 +169,19 @@ def matmul_note(dtype: torch.dtype, device: torch.device) -> str:
     return f"{name} matmul on {device.type}"
 
 
+# torch's counter has no formula for the in-place batched product that the frequency-domain conv accumulates
+# with (a third of its products went uncounted): the same formula as the out-of-place one
+def _baddbmm_flop(self_shape: tuple[int, ...], a_shape: tuple[int, ...], b_shape: tuple[int, ...], *args: object,
+                  **kwargs: object) -> int:
+    batch, m, k = a_shape
+    return 2 * batch * m * k * b_shape[-1]
+
+
+IN_PLACE_PRODUCTS = {torch.ops.aten.baddbmm_: _baddbmm_flop}
+
+
 def _flops(fn: Callable[[], object]) -> float:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=IN_PLACE_PRODUCTS) as counter:
         fn()
     return float(counter.get_total_flops())
 
@@ -242,6 +257,8 @@ def log_bench(result: BenchResult, recipe: Recipe, uri: str) -> None:
                         "compile": result.compile_seconds is not None, "device": out["device"],
                         "routing": result.routing})
     tracker.log_metrics({k: float(v) for k, v in out.items() if isinstance(v, int | float)}, step=0)
+    if result.paths:
+        tracker.log_dict(result.paths, "conv_paths.json")
     tracker.end()
 
 
@@ -266,6 +283,7 @@ def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, step
     if precision == "fp16" and device.type != "cuda":
         raise CapsxError(f"--precision fp16 needs --device cuda (got {device.type}); use bf16 or fp32")
     torch.manual_seed(0)  # weights and inputs are drawn on the CPU, the same whatever the device
+    forget_conv_choices()  # report this model's conv problems only (verdicts stay in the machine's cache)
     fast, ref = bench_models(recipe)
     shape, classes = recipe.data.input_shape, len(recipe.data.classes)
     criterion = recipe.loss_config
@@ -286,10 +304,11 @@ def run_bench(recipe: Recipe, *, batch: int, infer_batch: int, rounds: int, step
         _train_rate(timed, criterion, x, y, 1, precision)
         _infer_rate(timed, xi, precision)
         result.compile_seconds = time.perf_counter() - t
-    for model in (timed, ref):  # warm-up: first calls allocate and pick kernels
+    for model in (timed, ref):  # warm-up: first calls allocate and pick kernels (capsx's: measure its conv's)
         _train_rate(model, criterion, x, y, 1, precision)
-        if device.type != "cpu":
+        if device.type != "cpu" or model is timed:
             _infer_rate(model, xi, precision)
+    result.paths = {problem: choice.describe() for problem, choice in choices_made().items()}
     for r in range(rounds):
         for name, model, res in (("capsx", timed, result.fast), ("reference", ref, result.reference)):
             res.train.append(_train_rate(model, criterion, x, y, steps, precision))

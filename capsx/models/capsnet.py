@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from capsx.models.capsule_classifier import CapsuleClassifier, make_decoder
 from capsx.models.config import ModelConfig, register_model
+from capsx.models.conv_algorithm import Problem, batch_class, choose
 from capsx.models.fourier_conv import fourier_conv2d
 from capsx.models.routing import Routing, RoutingTrace, route, squash
 
@@ -62,25 +63,34 @@ class PrimaryCaps(nn.Module):
         self.conv = nn.Conv2d(in_channels, types * dim, kernel_size, stride=stride)
 
     FOURIER_CHUNK = 256  # samples at a time without autograd (fourier_conv2d's `chunk`)
-    # Below this batch the kernel's transform (paid once per call) costs more than the direct conv saves
-    # (timed for the MNIST layer, forward + backward; `make bench` measures the whole model).
-    FOURIER_MIN_BATCH = 32
 
     def forward(self, x: Tensor) -> Tensor:
         return self.capsules(self.convolve(x))
 
     def convolve(self, x: Tensor) -> Tensor:
-        """The conv, in the frequency domain where that measured faster: on the CPU, stride > 1, batches
-        of FOURIER_MIN_BATCH or more, fp32 or under bf16 autocast (then the products run in bf16, as
-        autocast's own conv would; relative error 4.8e-3 against fp64 where oneDNN's bf16 conv has 2.8e-3)."""
+        """The conv, in the frequency domain where this machine measured that faster (`conv_algorithm`:
+        timed once per shape, batch class, dtype and training or inference, then cached): on the CPU,
+        stride > 1, fp32 or under bf16 autocast (then the products run in bf16, as autocast's own conv
+        would; relative error 4.8e-3 against fp64 where oneDNN's bf16 conv has 2.8e-3)."""
         conv = self.conv
         dtype = self._fourier_dtype(x)
-        if (dtype is None or x.device.type != "cpu" or conv.stride[0] == 1 or conv.stride[0] != conv.stride[1]
-                or len(x) < self.FOURIER_MIN_BATCH):
+        if dtype is None or x.device.type != "cpu" or conv.stride[0] == 1 or conv.stride[0] != conv.stride[1]:
             return conv(x)
-        bias = None if conv.bias is None else conv.bias.to(dtype)
+        B, C, H, W = x.shape
+        problem = Problem(batch_class(B), C, H, W, conv.out_channels, conv.kernel_size[0], conv.stride[0],
+                          str(dtype).removeprefix("torch."), torch.is_grad_enabled())
+        algorithm = choose(problem, self._compute) if conv.kernel_size[0] == conv.kernel_size[1] else "direct"
+        return self._compute(algorithm, x, conv.weight, conv.bias)
+
+    def _compute(self, algorithm: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """This layer's conv of x with (weight, bias) by `algorithm`, under the caller's autocast."""
+        if algorithm == "direct":
+            return F.conv2d(x, weight, bias, self.conv.stride)
+        dtype = self._fourier_dtype(x)
+        assert dtype is not None
         with torch.autocast("cpu", enabled=False):
-            return fourier_conv2d(x.to(dtype), conv.weight.to(dtype), bias, conv.stride[0], self.FOURIER_CHUNK)
+            return fourier_conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                                  self.conv.stride[0], self.FOURIER_CHUNK)
 
     @staticmethod
     def _fourier_dtype(x: Tensor) -> torch.dtype | None:

@@ -1,0 +1,103 @@
+"""PrimaryCaps' conv algorithm: measured once per problem on this machine, cached, forced by name."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from capsx.errors import CapsxError
+from capsx.models import conv_algorithm
+from capsx.models.capsnet import PrimaryCaps
+from capsx.models.conv_algorithm import Choice, Problem, batch_class, cache_path, choices_made, machine_key, verdict
+
+
+@pytest.fixture
+def auto(tmp_path, monkeypatch):
+    """An empty cache, no verdicts in this process, `auto`; counts the measurements made."""
+    monkeypatch.setenv("CAPSX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CAPSX_CONV_ALGORITHM", raising=False)
+    conv_algorithm.forget()
+    measured = []
+    real = conv_algorithm.measure
+
+    def counting(problem, compute):
+        measured.append(problem)
+        return real(problem, compute)
+
+    monkeypatch.setattr(conv_algorithm, "measure", counting)
+    yield measured
+    conv_algorithm.forget()
+
+
+def _layer():
+    torch.manual_seed(0)
+    return PrimaryCaps(8, 2, 4, 9, 2)
+
+
+def _took(y):
+    return "fourier" if "FourierConv" in y.grad_fn.name() else "direct"
+
+
+def test_a_problem_is_measured_once_then_read_back_by_a_later_process(auto):
+    layer, x = _layer(), torch.rand(3, 8, 20, 20)
+    first = layer.convolve(x)
+    second = layer.convolve(x)
+    (key, choice), = choices_made().items()
+    assert key == "8x20x20->8 k9 s2 float32 train batch 4" and choice.source == "measured"
+    assert len(auto) == 1 and _took(first) == _took(second) == choice.algorithm
+    assert choice.fourier_ms > 0 and choice.direct_ms > 0
+    stored = json.loads(cache_path().read_text())[machine_key()][key]
+    assert stored == {"algorithm": choice.algorithm, "fourier_ms": choice.fourier_ms, "direct_ms": choice.direct_ms}
+
+    conv_algorithm.forget()  # as a new process on this machine: the file's verdict, no measurement
+    assert _took(layer.convolve(x)) == choice.algorithm
+    assert choices_made()[key].source == "cached" and len(auto) == 1
+    with torch.no_grad():  # inference is its own problem
+        layer.convolve(x)
+    assert len(auto) == 2 and "8x20x20->8 k9 s2 float32 infer batch 4" in choices_made()
+
+
+def test_measuring_draws_nothing_from_the_global_generator_and_is_invisible_to_a_flop_counter(auto):
+    layer, x = _layer(), torch.rand(5, 8, 20, 20)
+    state = torch.get_rng_state()
+    with FlopCounterMode(display=False) as measuring:
+        layer.convolve(x).sum().backward()
+    assert len(auto) == 1 and torch.equal(torch.get_rng_state(), state)
+    with FlopCounterMode(display=False) as again:
+        layer.convolve(x).sum().backward()
+    assert measuring.get_total_flops() == again.get_total_flops() > 0
+
+
+def test_the_first_verdict_written_wins_and_a_damaged_cache_is_replaced(auto):
+    problem = Problem(4, 8, 20, 20, 8, 9, 2, "float32", True)
+    cache_path().parent.mkdir(parents=True)
+    cache_path().write_text("{ not json")
+    assert conv_algorithm._store(problem, Choice("direct", "measured", 2.0, 1.0)).algorithm == "direct"
+    # another process measured the opposite later: it adopts the stored verdict, so both compute alike
+    assert conv_algorithm._store(problem, Choice("fourier", "measured", 1.0, 2.0)).algorithm == "direct"
+    assert json.loads(cache_path().read_text())[machine_key()][problem.key]["algorithm"] == "direct"
+
+
+def test_an_algorithm_forced_by_name_is_taken_unmeasured_and_a_wrong_name_is_one_clear_error(auto, monkeypatch):
+    layer, x = _layer(), torch.rand(3, 8, 20, 20)
+    for name in ("fourier", "direct"):
+        monkeypatch.setenv("CAPSX_CONV_ALGORITHM", name)
+        assert _took(layer.convolve(x)) == name
+    assert auto == [] and not cache_path().exists()
+    monkeypatch.setenv("CAPSX_CONV_ALGORITHM", "winograd")
+    with pytest.raises(CapsxError, match="CAPSX_CONV_ALGORITHM='winograd': expected auto, fourier or direct"):
+        layer.convolve(x)
+
+
+def test_stride_one_and_fp64_take_the_direct_conv_unmeasured(auto):
+    layer = PrimaryCaps(8, 2, 4, 3, 1)
+    assert "Convolution" in layer.convolve(torch.rand(2, 8, 10, 10)).grad_fn.name()
+    assert "Convolution" in _layer().double().convolve(torch.rand(2, 8, 20, 20, dtype=torch.double)).grad_fn.name()
+    assert auto == []
+
+
+def test_batch_classes_and_the_verdict():
+    assert [batch_class(b) for b in (1, 2, 3, 96, 128, 129, 1000)] == [1, 2, 4, 128, 128, 256, 256]
+    assert verdict({"fourier": 0.1, "direct": 0.2}) == "fourier"
+    assert verdict({"fourier": 0.2, "direct": 0.1}) == verdict({"fourier": 0.1, "direct": 0.1}) == "direct"
