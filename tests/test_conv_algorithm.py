@@ -10,6 +10,7 @@ from capsx.errors import CapsxError
 from capsx.models import conv_algorithm
 from capsx.models.capsnet import PrimaryCaps
 from capsx.models.conv_algorithm import Choice, Problem, batch_class, cache_path, choices_made, machine_key, verdict
+from capsx.models.measured_conv import MeasuredConv2d
 
 
 @pytest.fixture
@@ -90,11 +91,25 @@ def test_an_algorithm_forced_by_name_is_taken_unmeasured_and_a_wrong_name_is_one
         layer.convolve(x)
 
 
-def test_stride_one_and_fp64_take_the_direct_conv_unmeasured(auto):
-    layer = PrimaryCaps(8, 2, 4, 3, 1)
-    assert "Convolution" in layer.convolve(torch.rand(2, 8, 10, 10)).grad_fn.name()
-    assert "Convolution" in _layer().double().convolve(torch.rand(2, 8, 20, 20, dtype=torch.double)).grad_fn.name()
+def test_what_the_transform_cannot_compute_takes_the_direct_conv_unmeasured(auto):
+    x = torch.rand(2, 8, 10, 10)
+    torch.manual_seed(0)
+    for layer, inp in ((_layer().double().conv, torch.rand(2, 8, 20, 20, dtype=torch.double)),  # fp64
+                       (MeasuredConv2d(8, 4, 4, padding="same"), x),  # an even kernel's 'same' is lopsided
+                       (MeasuredConv2d(8, 4, 3, groups=2), x), (MeasuredConv2d(8, 4, 3, dilation=2), x),
+                       (MeasuredConv2d(8, 4, (3, 5)), x), (MeasuredConv2d(8, 4, 3, padding=(1, 0)), x)):
+        y = layer(inp)
+        assert "Convolution" in y.grad_fn.name() and torch.allclose(y, torch.nn.Conv2d.forward(layer, inp))
     assert auto == []
+
+
+def test_a_same_padded_stride_one_conv_is_measured_and_either_way_equals_conv2d(auto):
+    torch.manual_seed(0)
+    layer, x = MeasuredConv2d(8, 6, 5, padding="same"), torch.rand(3, 8, 12, 12)
+    y = layer(x)
+    (key, choice), = choices_made().items()
+    assert key == "8x12x12->6 k5 s1 p2 float32 train batch 4" and _took(y) == choice.algorithm
+    assert torch.allclose(y, torch.nn.functional.conv2d(x, layer.weight, layer.bias, padding=2), atol=1e-5)
 
 
 def test_batch_classes_and_the_verdict():

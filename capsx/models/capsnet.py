@@ -24,8 +24,7 @@ from torch import Tensor, nn
 
 from capsx.models.capsule_classifier import CapsuleClassifier, make_decoder
 from capsx.models.config import ModelConfig, register_model
-from capsx.models.conv_algorithm import Problem, batch_class, choose
-from capsx.models.fourier_conv import fourier_conv2d
+from capsx.models.measured_conv import MeasuredConv2d
 from capsx.models.routing import Routing, RoutingTrace, route, squash
 
 
@@ -60,44 +59,14 @@ class PrimaryCaps(nn.Module):
     def __init__(self, in_channels: int, types: int, dim: int, kernel_size: int, stride: int) -> None:
         super().__init__()
         self.types, self.dim = types, dim
-        self.conv = nn.Conv2d(in_channels, types * dim, kernel_size, stride=stride)
-
-    FOURIER_CHUNK = 256  # samples at a time without autograd (fourier_conv2d's `chunk`)
+        self.conv = MeasuredConv2d(in_channels, types * dim, kernel_size, stride=stride)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.capsules(self.convolve(x))
 
     def convolve(self, x: Tensor) -> Tensor:
-        """The conv, in the frequency domain where this machine measured that faster (`conv_algorithm`:
-        timed once per shape, batch class, dtype and training or inference, then cached): on the CPU,
-        stride > 1, fp32 or under bf16 autocast (then the products run in bf16, as autocast's own conv
-        would; relative error 4.8e-3 against fp64 where oneDNN's bf16 conv has 2.8e-3)."""
-        conv = self.conv
-        dtype = self._fourier_dtype(x)
-        if dtype is None or x.device.type != "cpu" or conv.stride[0] == 1 or conv.stride[0] != conv.stride[1]:
-            return conv(x)
-        B, C, H, W = x.shape
-        problem = Problem(batch_class(B), C, H, W, conv.out_channels, conv.kernel_size[0], conv.stride[0],
-                          str(dtype).removeprefix("torch."), torch.is_grad_enabled())
-        algorithm = choose(problem, self._compute) if conv.kernel_size[0] == conv.kernel_size[1] else "direct"
-        return self._compute(algorithm, x, conv.weight, conv.bias)
-
-    def _compute(self, algorithm: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """This layer's conv of x with (weight, bias) by `algorithm`, under the caller's autocast."""
-        if algorithm == "direct":
-            return F.conv2d(x, weight, bias, self.conv.stride)
-        dtype = self._fourier_dtype(x)
-        assert dtype is not None
-        with torch.autocast("cpu", enabled=False):
-            return fourier_conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                                  self.conv.stride[0], self.FOURIER_CHUNK)
-
-    @staticmethod
-    def _fourier_dtype(x: Tensor) -> torch.dtype | None:
-        """bf16 under bf16 autocast, fp32 for fp32 input outside autocast; None otherwise (fp16, fp64)."""
-        if torch.is_autocast_enabled("cpu"):
-            return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
-        return torch.float32 if x.dtype == torch.float32 else None
+        """The conv, in the frequency domain where this machine measured that faster (`MeasuredConv2d`)."""
+        return self.conv(x)
 
     def capsules(self, y: Tensor) -> Tensor:
         """Conv output (B, types*dim, H, W) -> squashed capsules (B, types*H*W, dim)."""
@@ -191,8 +160,14 @@ class CapsNet(CapsuleClassifier):
                                     routing_iters, init_std, routing)
         self.decoder = make_decoder(num_classes, class_dim, decoder_hidden, C * H * W) if decoder else None
 
+    INFERENCE_CHUNK = 256  # images encoded at once without autograd
+
     def encode(self, x: Tensor, trace: RoutingTrace | None = None) -> Tensor:
-        h = F.relu(self.conv1(x))  # (B, 256, 20, 20)
+        if not torch.is_grad_enabled() and trace is None and len(x) > self.INFERENCE_CHUNK:
+            # Each image is encoded on its own, so chunks give the same result; Conv1's output alone
+            # would be 410 MB for 1000 MNIST images, and every later layer's temporaries scale alike.
+            return torch.cat([self.encode(part) for part in x.split(self.INFERENCE_CHUNK)])
+        h = F.relu(self.conv1(x))  # (B, 256, 20, 20); not in place: forward hooks on conv1 see its output
         u = self.primary_caps(h)  # (B, 1152, 8)
         v = self.class_caps(u, trace)  # (B, 10 (+1 none of the above), 16)
         return v[:, :self.num_classes]  # (B, 10, 16): the class capsules

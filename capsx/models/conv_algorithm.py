@@ -7,9 +7,10 @@ and on training or inference. A batch threshold timed on one CPU was wrong on an
 machine halved the frequency path's speed and kept the direct one's). So the first call of each problem
 (layer shape, batch class, dtype, training or inference) times both algorithms on random data and keeps
 the faster; the verdict is stored in `$CAPSX_CACHE/conv-algorithm.json` under this machine's key (CPU
-model, torch version, the kernels' CPU capability, oneDNN and MKL instruction caps, threads), so later
-processes on the same machine agree with it and do not measure again. The first verdict written wins:
-concurrent processes (DDP workers, a resumed run) adopt it, so they compute alike.
+model, torch version, the kernels' CPU capability, oneDNN and MKL instruction caps, threads, a hash of
+the frequency-domain code), so later processes on the same machine agree with it and do not measure
+again. The first verdict written wins: concurrent processes (DDP workers, a resumed run) adopt it, so
+they compute alike.
 
 `CAPSX_CONV_ALGORITHM=fourier` or `direct` forces one (`auto`, the default, measures); deleting the
 cache file measures again.
@@ -18,6 +19,8 @@ cache file measures again.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -55,11 +58,13 @@ class Problem:
     stride: int
     dtype: str  # "float32", or "bfloat16" under bf16 autocast
     training: bool
+    padding: int = 0  # zeros on each side
 
     @property
     def key(self) -> str:
-        return (f"{self.in_channels}x{self.height}x{self.width}->{self.out_channels} k{self.kernel} s{self.stride} "
-                f"{self.dtype} {'train' if self.training else 'infer'} batch {self.batch}")
+        pad = f" p{self.padding}" if self.padding else ""
+        return (f"{self.in_channels}x{self.height}x{self.width}->{self.out_channels} k{self.kernel} s{self.stride}"
+                f"{pad} {self.dtype} {'train' if self.training else 'infer'} batch {self.batch}")
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,9 @@ def forced() -> str | None:
 def choose(problem: Problem, compute: Compute) -> str:
     """The algorithm for `problem`: forced, this process's verdict, the cache's, or measured now."""
     if (name := forced()) is not None:
-        _verdicts.setdefault(problem, Choice(name, "forced"))
+        _verdicts[problem] = Choice(name, "forced")
         return name
-    if (choice := _verdicts.get(problem)) is not None:
+    if (choice := _verdicts.get(problem)) is not None and choice.source != "forced":
         return choice.algorithm
     if torch.compiler.is_compiling():  # no timing inside a trace: the cache's verdict, else the transform
         cached = _read_cache().get(problem.key)
@@ -163,11 +168,19 @@ def _outside_dispatch_modes() -> Iterator[None]:
 
 
 def machine_key() -> str:
-    """What makes timings comparable: the same CPU, torch, kernels' capability and instruction caps, threads."""
+    """What makes timings comparable: the same CPU, torch, kernels' capability and instruction caps, threads,
+    and the same frequency-domain code (a capsx that changed it measures again)."""
     env = " ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
     parts = [cpu_model(), f"torch {torch.__version__}", torch.backends.cpu.get_cpu_capability(),
-             f"{torch.get_num_threads()} threads", env]
+             f"{torch.get_num_threads()} threads", env, f"fourier_conv {_code_version()}"]
     return " | ".join(p for p in parts if p)
+
+
+@functools.cache
+def _code_version() -> str:
+    from capsx.models import fourier_conv
+
+    return hashlib.sha256(Path(fourier_conv.__file__).read_bytes()).hexdigest()[:12]
 
 
 def cpu_model() -> str:

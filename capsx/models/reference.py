@@ -23,7 +23,9 @@ class ReferenceCapsNet(CapsNet):
 
     def encode(self, x: Tensor, trace: RoutingTrace | None = None) -> Tensor:
         assert trace is None, "the reference path records no trace"
-        u = self.primary_caps.capsules(self.primary_caps.conv(F.relu(self.conv1(x))))  # direct conv: (B, I, d)
+        conv = self.primary_caps.conv  # the direct conv, as nn.Conv2d computes it (not the measured choice)
+        h = F.relu(self.conv1(x))
+        u = self.primary_caps.capsules(F.conv2d(h, conv.weight, conv.bias, conv.stride))  # (B, I, d)
         u_hat = predictions_reference(self.class_caps.weight, u)  # (B, I, J, D)
         caps = self.class_caps
         # (B, J, D), J = K (+1 none of the above)

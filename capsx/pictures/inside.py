@@ -66,6 +66,9 @@ def _capture(module: nn.Module) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
+LAYER_CHUNK = 256  # images per forward in `layer_output`: no more than CapsNet.INFERENCE_CHUNK
+
+
 class _Reached(Exception):
     """Raised by `layer_output`'s hook: the layer asked for has run, the rest of the forward is not needed."""
 
@@ -73,7 +76,10 @@ class _Reached(Exception):
 @torch.no_grad()
 def layer_output(model: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
     """The output of `layer` for input batch x. The forward stops there (for Conv1 of the paper's CapsNet
-    the routing and the decoder, nearly all of its cost, never run)."""
+    the routing and the decoder, nearly all of its cost, never run). Taken LAYER_CHUNK images at a time:
+    a model may itself encode a large batch in chunks, and the hook stops at the first."""
+    if len(x) > LAYER_CHUNK:
+        return torch.cat([layer_output(model, layer, part) for part in x.split(LAYER_CHUNK)])
     seen: list[Tensor] = []
 
     def hook(mod: nn.Module, inputs: object, output: object) -> None:
