@@ -238,6 +238,25 @@ def test_layer_output_stops_the_forward_at_the_layer_and_gives_what_the_layer_co
     assert ran == ["primary"] and torch.allclose(caps, model.primary_caps(torch.relu(model.conv1(x))), atol=1e-6)
 
 
+def test_layer_output_of_a_model_that_encodes_in_chunks_has_every_image_and_skips_the_routing():
+    model = build_model(MODELS.get("capsnet")(**{k: v for k, v in TINY_CAPSNET.items() if k != "name"}),
+                        (1, 28, 28), 10).eval()
+    caps = model.class_caps
+    caps.INFERENCE_BYTES = 2 * caps.weight[..., 0].numel() * 4  # u_hat of two images: chunks of 2
+    assert model.inference_chunk == 2
+    x = torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    routed = []
+    caps.register_forward_hook(lambda mod, inp, out: routed.append(len(inp[0])))
+    out = inside.layer_output(model, model.conv1, x)
+    assert out.shape[0] == 7 and torch.allclose(out, model.conv1(x), atol=1e-6) and routed == []
+    with torch.no_grad():
+        chunked = model.encode(x)
+    assert routed == [2, 2, 2, 1]  # encoded two images at a time, as the chunk says
+    with torch.enable_grad():
+        whole = model.encode(x)  # with autograd: one pass over all seven
+    assert torch.allclose(chunked, whole, atol=1e-6)
+
+
 def test_the_capsx_process_logs_its_pictures_through_the_tracking_process(trained):
     """As a user runs it (`capsx` in a fresh process, MLflow not yet imported): the logging runs in a
     second process, and the command ends with every image in the run; a dead store is one line."""

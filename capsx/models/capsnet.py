@@ -96,15 +96,22 @@ class ClassCaps(nn.Module):
         """u (B, I, d) -> u_hat (B, I, J, D)."""
         return torch.einsum("ijDd,bid->bijD", self.weight, u)
 
-    INFERENCE_CHUNK = 256  # samples routed at once without autograd: bounds the (B, I, J, D) temporaries
+    INFERENCE_CHUNK = 256  # at most this many samples routed at once without autograd
+    INFERENCE_BYTES = 192 * 2**20  # and no more than this in one fp32 copy of their u_hat
+
+    @property
+    def inference_chunk(self) -> int:
+        """Samples routed at once without autograd: routing is per sample, so chunks give the same
+        result, and u_hat's (B, I, J, D) temporaries stay bounded whatever the layer's size (one copy
+        for 1000 MNIST images is 737 MB; a chunk of 256 is 189 MB; MultiMNIST's 3200 inputs: 98 images)."""
+        I, J, D, _ = self.weight.shape
+        return max(1, min(self.INFERENCE_CHUNK, self.INFERENCE_BYTES // (I * J * D * 4)))
 
     def forward(self, u: Tensor, trace: RoutingTrace | None = None) -> Tensor:
-        B = u.shape[0]
-        if torch.is_grad_enabled() or trace is not None or B <= self.INFERENCE_CHUNK:
+        chunk = self.inference_chunk
+        if torch.is_grad_enabled() or trace is not None or u.shape[0] <= chunk:
             return self._route(u, trace)  # (B, J, D)
-        # Routing is per sample, so chunks give the same result; u_hat for 1000 MNIST images
-        # would be 737 MB per copy, a chunk of 256 is 189 MB.
-        return torch.cat([self._route(part) for part in u.split(self.INFERENCE_CHUNK)])
+        return torch.cat([self._route(part) for part in u.split(chunk)])
 
     def _route(self, u: Tensor, trace: RoutingTrace | None = None) -> Tensor:
         """u_hat and routing in fp32 even under bf16/fp16 autocast: their bmm's are many small
@@ -160,13 +167,17 @@ class CapsNet(CapsuleClassifier):
                                     routing_iters, init_std, routing)
         self.decoder = make_decoder(num_classes, class_dim, decoder_hidden, C * H * W) if decoder else None
 
-    INFERENCE_CHUNK = 256  # images encoded at once without autograd
+    @property
+    def inference_chunk(self) -> int:
+        """Images encoded at once without autograd (`ClassCaps.inference_chunk`)."""
+        return self.class_caps.inference_chunk
 
     def encode(self, x: Tensor, trace: RoutingTrace | None = None) -> Tensor:
-        if not torch.is_grad_enabled() and trace is None and len(x) > self.INFERENCE_CHUNK:
+        chunk = self.inference_chunk
+        if not torch.is_grad_enabled() and trace is None and len(x) > chunk:
             # Each image is encoded on its own, so chunks give the same result; Conv1's output alone
             # would be 410 MB for 1000 MNIST images, and every later layer's temporaries scale alike.
-            return torch.cat([self.encode(part) for part in x.split(self.INFERENCE_CHUNK)])
+            return torch.cat([self.encode(part) for part in x.split(chunk)])
         h = F.relu(self.conv1(x))  # (B, 256, 20, 20); not in place: forward hooks on conv1 see its output
         u = self.primary_caps(h)  # (B, 1152, 8)
         v = self.class_caps(u, trace)  # (B, 10 (+1 none of the above), 16)

@@ -66,7 +66,7 @@ def _capture(module: nn.Module) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
-LAYER_CHUNK = 256  # images per forward in `layer_output`: no more than CapsNet.INFERENCE_CHUNK
+LAYER_CHUNK = 256  # images per forward in `layer_output`, or fewer where the model encodes fewer at once
 
 
 class _Reached(Exception):
@@ -76,15 +76,18 @@ class _Reached(Exception):
 @torch.no_grad()
 def layer_output(model: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
     """The output of `layer` for input batch x. The forward stops there (for Conv1 of the paper's CapsNet
-    the routing and the decoder, nearly all of its cost, never run). Taken LAYER_CHUNK images at a time:
-    a model may itself encode a large batch in chunks, and the hook stops at the first."""
-    if len(x) > LAYER_CHUNK:
-        return torch.cat([layer_output(model, layer, part) for part in x.split(LAYER_CHUNK)])
+    the routing and the decoder, nearly all of its cost, never run). Taken as many images at a time as
+    the model encodes at once (`inference_chunk`), so that the layer's output for all of them comes
+    before any of the rest of the forward; the hook stops it once every image has passed the layer."""
+    chunk = min(LAYER_CHUNK, getattr(model, "inference_chunk", LAYER_CHUNK))
+    if len(x) > chunk:
+        return torch.cat([layer_output(model, layer, part) for part in x.split(chunk)])
     seen: list[Tensor] = []
 
     def hook(mod: nn.Module, inputs: object, output: object) -> None:
         seen.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[arg-type]
-        raise _Reached
+        if sum(len(t) for t in seen) >= len(x):
+            raise _Reached
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -94,7 +97,7 @@ def layer_output(model: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
     finally:
         handle.remove()
     assert seen, "the layer did not run"
-    return seen[0]
+    return torch.cat(seen) if len(seen) > 1 else seen[0]
 
 
 def _capsnet(model: nn.Module, what: str) -> CapsNet:
