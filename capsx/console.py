@@ -241,7 +241,7 @@ def bench_tables(title: str, res: BenchResult, rounds: int, gpu: bool) -> list[T
         ("arithmetic capsx performs", f"{res.train_flops_computed_per_image / 1e9:.2f} GFLOP per image, "
                                       f"{out['gflops_computed']:.0f} GFLOP/s"),
         *([("torch.compile (first calls)", f"{res.compile_seconds:.1f} s")] if res.compile_seconds else []),
-        *[(f"path taken: PrimaryCaps {problem}", why) for problem, why in res.paths.items()],
+        *[(f"path taken: conv {problem}", why) for problem, why in res.paths.items()],
     ])
     return [t, compute]
 

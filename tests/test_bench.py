@@ -24,8 +24,11 @@ def test_bench_json_has_the_promised_keys_and_logs_to_mlflow(workdir, monkeypatc
     assert out["train_images_per_s"] > 0 and out["matmul_peak_gflops"] > 0
     # fp32: the frequency-domain PrimaryCaps does less arithmetic than the direct convolution it replaces
     assert 0 < out["gflops_computed"] < 0.7 * out["gflops_achieved"]
-    assert out["paths"] == {"256x20x20->256 k9 s2 float32 train batch 32": "fourier (forced by CAPSX_CONV_ALGORITHM)",
-                            "256x20x20->256 k9 s2 float32 infer batch 8": "fourier (forced by CAPSX_CONV_ALGORITHM)"}
+    forced = "fourier (forced by CAPSX_CONV_ALGORITHM)"  # Conv1's and PrimaryCaps', training and inference
+    assert out["paths"] == {"1x28x28->256 k9 s1 float32 train batch 32": forced,
+                            "1x28x28->256 k9 s1 float32 infer batch 8": forced,
+                            "256x20x20->256 k9 s2 float32 train batch 32": forced,
+                            "256x20x20->256 k9 s2 float32 infer batch 8": forced}
     client = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
     assert run.data.metrics["train_images_per_s"] == out["train_images_per_s"]
@@ -49,8 +52,10 @@ def test_bench_runs_on_the_cpu_unless_told_otherwise(workdir):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["device"].startswith("cpu (") and out["peak_gpu_mb"] is None
     assert out["matmul_peak_note"] == "fp32 matmul on cpu" and out["routing"] == "dynamic"
-    # PrimaryCaps' conv algorithm measured for the training and the inference batch, each timing reported
-    assert len(out["paths"]) == 2 and all(" ms direct (" in why for why in out["paths"].values()), out["paths"]
+    # Conv1's and PrimaryCaps' conv algorithms measured for the training and the inference batch, each
+    # timing reported (this tiny Conv1's 81 taps exceed its 16 channels: no im2col candidate)
+    assert len(out["paths"]) == 4 and all(" ms direct (" in why for why in out["paths"].values()), out["paths"]
+    assert not any("im2col" in why for why in out["paths"].values())
 
 
 def test_bench_times_the_routing_set_on_the_command_line_on_both_paths_with_the_same_weights(workdir):

@@ -1,4 +1,4 @@
-"""PrimaryCaps' conv algorithm: measured once per problem on this machine, cached, forced by name."""
+"""The conv algorithm (frequency domain, direct, im2col): measured once per problem, cached, forced by name."""
 
 import json
 
@@ -37,7 +37,8 @@ def _layer():
 
 
 def _took(y):
-    return "fourier" if "FourierConv" in y.grad_fn.name() else "direct"
+    name = y.grad_fn.name()
+    return "fourier" if "FourierConv" in name else "direct" if "Convolution" in name else "im2col"
 
 
 def test_a_problem_is_measured_once_then_read_back_by_a_later_process(auto):
@@ -47,9 +48,9 @@ def test_a_problem_is_measured_once_then_read_back_by_a_later_process(auto):
     (key, choice), = choices_made().items()
     assert key == "8x20x20->8 k9 s2 float32 train batch 4" and choice.source == "measured"
     assert len(auto) == 1 and _took(first) == _took(second) == choice.algorithm
-    assert choice.fourier_ms > 0 and choice.direct_ms > 0
+    assert set(choice.ms) == {"fourier", "direct"} and min(choice.ms.values()) > 0  # 8*81 taps > 8 out: no im2col
     stored = json.loads(cache_path().read_text())[machine_key()][key]
-    assert stored == {"algorithm": choice.algorithm, "fourier_ms": choice.fourier_ms, "direct_ms": choice.direct_ms}
+    assert stored == {"algorithm": choice.algorithm, "ms": choice.ms}
 
     conv_algorithm.forget()  # as a new process on this machine: the file's verdict, no measurement
     assert _took(layer.convolve(x)) == choice.algorithm
@@ -74,10 +75,16 @@ def test_the_first_verdict_written_wins_and_a_damaged_cache_is_replaced(auto):
     problem = Problem(4, 8, 20, 20, 8, 9, 2, "float32", True)
     cache_path().parent.mkdir(parents=True)
     cache_path().write_text("{ not json")
-    assert conv_algorithm._store(problem, Choice("direct", "measured", 2.0, 1.0)).algorithm == "direct"
+    slow_fourier, slow_direct = {"fourier": 2.0, "direct": 1.0}, {"fourier": 1.0, "direct": 2.0}
+    assert conv_algorithm._store(problem, Choice("direct", "measured", slow_fourier)).algorithm == "direct"
     # another process measured the opposite later: it adopts the stored verdict, so both compute alike
-    assert conv_algorithm._store(problem, Choice("fourier", "measured", 1.0, 2.0)).algorithm == "direct"
+    assert conv_algorithm._store(problem, Choice("fourier", "measured", slow_direct)).algorithm == "direct"
     assert json.loads(cache_path().read_text())[machine_key()][problem.key]["algorithm"] == "direct"
+    # an entry in an older layout (no per-algorithm times) is not trusted: measured again and replaced
+    data = json.loads(cache_path().read_text())
+    data[machine_key()][problem.key] = {"algorithm": "direct", "fourier_ms": 2.0, "direct_ms": 1.0}
+    cache_path().write_text(json.dumps(data))
+    assert conv_algorithm._stored(problem) is None
 
 
 def test_an_algorithm_forced_by_name_is_taken_unmeasured_and_a_wrong_name_is_one_clear_error(auto, monkeypatch):
@@ -87,7 +94,7 @@ def test_an_algorithm_forced_by_name_is_taken_unmeasured_and_a_wrong_name_is_one
         assert _took(layer.convolve(x)) == name
     assert auto == [] and not cache_path().exists()
     monkeypatch.setenv("CAPSX_CONV_ALGORITHM", "winograd")
-    with pytest.raises(CapsxError, match="CAPSX_CONV_ALGORITHM='winograd': expected auto, fourier or direct"):
+    with pytest.raises(CapsxError, match="CAPSX_CONV_ALGORITHM='winograd': expected auto, fourier, direct or im2col"):
         layer.convolve(x)
 
 
@@ -112,7 +119,38 @@ def test_a_same_padded_stride_one_conv_is_measured_and_either_way_equals_conv2d(
     assert torch.allclose(y, torch.nn.functional.conv2d(x, layer.weight, layer.bias, padding=2), atol=1e-5)
 
 
+def test_a_conv_with_a_short_reduction_also_measures_im2col_and_each_algorithm_equals_conv2d(auto):
+    torch.manual_seed(0)
+    layer, x = MeasuredConv2d(1, 16, 3, padding=1), torch.rand(5, 1, 10, 10, requires_grad=True)
+    y = layer(x)
+    (key, choice), = choices_made().items()
+    assert key == "1x10x10->16 k3 s1 p1 float32 train batch 8" and set(choice.ms) == {"fourier", "direct", "im2col"}
+    assert _took(y) == choice.algorithm and choice.algorithm == verdict(choice.ms)
+    g = torch.randn_like(y)
+    want = torch.nn.functional.conv2d(x, layer.weight, layer.bias, padding=1)
+    want_grads = torch.autograd.grad(want, (x, layer.weight, layer.bias), g)
+    for algorithm in ("im2col", "fourier"):
+        got = layer.compute(algorithm, x, layer.weight, layer.bias)
+        assert _took(got) == algorithm and torch.allclose(got, want, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(got, (x, layer.weight, layer.bias), g), want_grads, strict=True):
+            assert torch.allclose(a, b, atol=1e-4), algorithm
+    strided = MeasuredConv2d(2, 32, 3, stride=2, bias=False)  # no bias, stride 2: the plain product
+    x2 = torch.rand(3, 2, 9, 9)
+    assert torch.allclose(strided.compute("im2col", x2, strided.weight, None), strided.compute(
+        "direct", x2, strided.weight, None), atol=1e-5)
+
+
+def test_paper_layers_measure_im2col_for_conv1_only():
+    from capsx.models.conv_algorithm import Problem, candidates
+
+    conv1 = Problem(128, 1, 28, 28, 256, 9, 1, "float32", True)
+    primary = Problem(128, 256, 20, 20, 256, 9, 2, "float32", True)
+    assert candidates(conv1) == ("fourier", "direct", "im2col") and candidates(primary) == ("fourier", "direct")
+
+
 def test_batch_classes_and_the_verdict():
     assert [batch_class(b) for b in (1, 2, 3, 96, 128, 129, 1000)] == [1, 2, 4, 128, 128, 256, 256]
     assert verdict({"fourier": 0.1, "direct": 0.2}) == "fourier"
     assert verdict({"fourier": 0.2, "direct": 0.1}) == verdict({"fourier": 0.1, "direct": 0.1}) == "direct"
+    assert verdict({"fourier": 0.3, "direct": 0.2, "im2col": 0.1}) == "im2col"
+    assert verdict({"fourier": 0.3, "direct": 0.1, "im2col": 0.1}) == "direct"

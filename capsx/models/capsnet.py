@@ -155,7 +155,7 @@ class CapsNet(CapsuleClassifier):
         self.input_shape = input_shape
         self.num_classes, self.class_dim = num_classes, class_dim
         self.objects = objects
-        self.conv1 = nn.Conv2d(C, conv1_channels, conv1_kernel)
+        self.conv1 = MeasuredConv2d(C, conv1_channels, conv1_kernel)
         self.primary_caps = PrimaryCaps(conv1_channels, primary_types, primary_dim, primary_kernel, primary_stride)
         grid_h = (H - conv1_kernel + 1 - primary_kernel) // primary_stride + 1
         grid_w = (W - conv1_kernel + 1 - primary_kernel) // primary_stride + 1

@@ -5,15 +5,19 @@ one for PrimaryCaps, but whether it is faster depends on the CPU (its products f
 matrix-product rate; oneDNN's direct kernel has its own speed on each instruction set), on the batch,
 and on training or inference. A batch threshold timed on one CPU was wrong on another (an AVX2-only
 machine halved the frequency path's speed and kept the direct one's). So the first call of each problem
-(layer shape, batch class, dtype, training or inference) times both algorithms on random data and keeps
-the faster; the verdict is stored in `$CAPSX_CACHE/conv-algorithm.json` under this machine's key (CPU
+(layer shape, batch class, dtype, training or inference) times the candidates on random data and keeps
+the fastest: the frequency domain, the direct conv, and, where the conv's reduction is short (channels x
+kernel taps no more than its output channels, as for Conv1's single input channel: the unfolded input
+is then no larger than the output), the unfolded input times the kernel matrix (`im2col`; oneDNN's AVX2
+weight gradient for Conv1 ran at 13 GFLOP/s, a third of a batched matrix product's speed); the verdict
+is stored in `$CAPSX_CACHE/conv-algorithm.json` under this machine's key (CPU
 model, torch version, the kernels' CPU capability, oneDNN and MKL instruction caps, threads, a hash of
-the frequency-domain code), so later processes on the same machine agree with it and do not measure
+the layer code), so later processes on the same machine agree with it and do not measure
 again. The first verdict written wins: concurrent processes (DDP workers, a resumed run) adopt it, so
 they compute alike.
 
-`CAPSX_CONV_ALGORITHM=fourier` or `direct` forces one (`auto`, the default, measures); deleting the
-cache file measures again.
+`CAPSX_CONV_ALGORITHM=fourier`, `direct` or `im2col` forces one for every such layer (`auto`, the
+default, measures); deleting the cache file measures again.
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ from capsx.atomic import replacing
 from capsx.data.cache import cache_dir
 from capsx.errors import CapsxError
 
-ALGORITHMS = ("fourier", "direct")
+ALGORITHMS = ("fourier", "direct", "im2col")
+LABELS = {"fourier": "frequency domain", "direct": "direct", "im2col": "im2col"}
 ENV = "CAPSX_CONV_ALGORITHM"
 MAX_MEASURED_BATCH = 256  # per-image cost is flat beyond this; larger batches share its verdict
 TRIALS = 3  # timed calls per algorithm, interleaved, after one untimed call each: the best is kept
 
-# conv(algorithm, x, weight, bias) -> y: the two algorithms of one layer, as its forward runs them
+# conv(algorithm, x, weight, bias) -> y: the algorithms of one layer, as its forward runs them
 Compute = Callable[[str, Tensor, Tensor, Tensor | None], Tensor]
 
 
@@ -71,14 +76,13 @@ class Problem:
 class Choice:
     algorithm: str
     source: str  # "measured" (this process), "cached" (an earlier one), "forced" ($CAPSX_CONV_ALGORITHM)
-    fourier_ms: float | None = None
-    direct_ms: float | None = None
+    ms: dict[str, float] | None = None  # each candidate's best time
 
     def describe(self) -> str:
-        if self.source == "forced":
+        if self.source == "forced" or not self.ms:
             return f"{self.algorithm} (forced by {ENV})"
-        return (f"{self.algorithm}: {self.fourier_ms:.1f} ms frequency domain, {self.direct_ms:.1f} ms direct "
-                f"({self.source})")
+        times = ", ".join(f"{t:.1f} ms {LABELS[a]}" for a, t in self.ms.items())
+        return f"{self.algorithm}: {times} ({self.source})"
 
 
 _verdicts: dict[Problem, Choice] = {}  # this process's, in the order they were made
@@ -94,7 +98,7 @@ def forced() -> str | None:
     if value in ("", "auto"):
         return None
     if value not in ALGORITHMS:
-        raise CapsxError(f"{ENV}={value!r}: expected auto, fourier or direct")
+        raise CapsxError(f"{ENV}={value!r}: expected auto, fourier, direct or im2col")
     return value
 
 
@@ -123,8 +127,15 @@ def forget() -> None:
     _verdicts.clear()
 
 
+def candidates(problem: Problem) -> tuple[str, ...]:
+    """The algorithms measured for `problem`: im2col only where its unfolded input (channels x taps per
+    output position) is no larger than the output, so its memory stays the layer's own."""
+    short = problem.in_channels * problem.kernel ** 2 <= problem.out_channels
+    return ALGORITHMS if short else ("fourier", "direct")
+
+
 def measure(problem: Problem, compute: Compute) -> Choice:
-    """Both algorithms timed on random data from a private generator (the global ones are not drawn from),
+    """The candidates timed on random data from a private generator (the global ones are not drawn from),
     outside any dispatch mode (a FLOP counter or a profiler's mode sees the layer's real call only),
     forward and backward when training, interleaved so that the machine's drift hits both alike."""
     gen = torch.Generator().manual_seed(0)
@@ -144,19 +155,20 @@ def measure(problem: Problem, compute: Compute) -> Choice:
                 y.float().sum().backward()
         return time.perf_counter() - t
 
-    best = dict.fromkeys(ALGORITHMS, float("inf"))
+    names = candidates(problem)
+    best = dict.fromkeys(names, float("inf"))
     with _outside_dispatch_modes():
-        for algorithm in ALGORITHMS:
+        for algorithm in names:
             once(algorithm)  # untimed: first calls allocate and pick kernels
         for _ in range(TRIALS):
-            for algorithm in ALGORITHMS:
+            for algorithm in names:
                 best[algorithm] = min(best[algorithm], once(algorithm))
-    return Choice(verdict(best), "measured", 1e3 * best["fourier"], 1e3 * best["direct"])
+    return Choice(verdict(best), "measured", {a: 1e3 * t for a, t in best.items()})
 
 
 def verdict(seconds: dict[str, float]) -> str:
-    """The faster algorithm; direct on a tie (it needs no spectra in memory)."""
-    return "fourier" if seconds["fourier"] < seconds["direct"] else "direct"
+    """The fastest algorithm; direct on a tie (it needs no spectra or unfolded input in memory)."""
+    return min(seconds, key=lambda a: (seconds[a], a != "direct"))
 
 
 @contextlib.contextmanager
@@ -169,18 +181,19 @@ def _outside_dispatch_modes() -> Iterator[None]:
 
 def machine_key() -> str:
     """What makes timings comparable: the same CPU, torch, kernels' capability and instruction caps, threads,
-    and the same frequency-domain code (a capsx that changed it measures again)."""
+    and the same layer code (a capsx that changed it measures again)."""
     env = " ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
     parts = [cpu_model(), f"torch {torch.__version__}", torch.backends.cpu.get_cpu_capability(),
-             f"{torch.get_num_threads()} threads", env, f"fourier_conv {_code_version()}"]
+             f"{torch.get_num_threads()} threads", env, f"conv code {_code_version()}"]
     return " | ".join(p for p in parts if p)
 
 
 @functools.cache
 def _code_version() -> str:
-    from capsx.models import fourier_conv
+    from capsx.models import fourier_conv, measured_conv
 
-    return hashlib.sha256(Path(fourier_conv.__file__).read_bytes()).hexdigest()[:12]
+    code = b"".join(Path(m.__file__).read_bytes() for m in (fourier_conv, measured_conv))  # type: ignore[arg-type]
+    return hashlib.sha256(code).hexdigest()[:12]
 
 
 def cpu_model() -> str:
@@ -212,9 +225,11 @@ def _read_cache() -> dict:
 
 
 def _as_choice(entry: object) -> Choice | None:
-    if not isinstance(entry, dict) or entry.get("algorithm") not in ALGORITHMS:
+    ms = entry.get("ms") if isinstance(entry, dict) else None
+    if (not isinstance(entry, dict) or entry.get("algorithm") not in ALGORITHMS or not isinstance(ms, dict)
+            or not all(a in ALGORITHMS and isinstance(t, int | float) for a, t in ms.items())):
         return None  # a foreign or damaged entry: measured again and replaced
-    return Choice(entry["algorithm"], "cached", entry.get("fourier_ms"), entry.get("direct_ms"))
+    return Choice(entry["algorithm"], "cached", {a: float(t) for a, t in ms.items()})
 
 
 def _stored(problem: Problem) -> Choice | None:
@@ -255,5 +270,5 @@ def _locked() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-__all__ = ["ALGORITHMS", "ENV", "Choice", "Problem", "batch_class", "choices_made", "choose", "forget", "measure",
-           "verdict"]
+__all__ = ["ALGORITHMS", "ENV", "LABELS", "Choice", "Problem", "batch_class", "candidates", "choices_made", "choose",
+           "forget", "measure", "verdict"]

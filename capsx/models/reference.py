@@ -24,7 +24,7 @@ class ReferenceCapsNet(CapsNet):
     def encode(self, x: Tensor, trace: RoutingTrace | None = None) -> Tensor:
         assert trace is None, "the reference path records no trace"
         conv = self.primary_caps.conv  # the direct conv, as nn.Conv2d computes it (not the measured choice)
-        h = F.relu(self.conv1(x))
+        h = F.relu(F.conv2d(x, self.conv1.weight, self.conv1.bias))
         u = self.primary_caps.capsules(F.conv2d(h, conv.weight, conv.bias, conv.stride))  # (B, I, d)
         u_hat = predictions_reference(self.class_caps.weight, u)  # (B, I, J, D)
         caps = self.class_caps
