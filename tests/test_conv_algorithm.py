@@ -43,8 +43,8 @@ def _took(y):
 
 def test_a_problem_is_measured_once_then_read_back_by_a_later_process(auto):
     layer, x = _layer(), torch.rand(3, 8, 20, 20)
-    first = layer.convolve(x)
-    second = layer.convolve(x)
+    first = layer.conv(x)
+    second = layer.conv(x)
     (key, choice), = choices_made().items()
     assert key == "8x20x20->8 k9 s2 float32 train batch 4" and choice.source == "measured"
     assert len(auto) == 1 and _took(first) == _took(second) == choice.algorithm
@@ -53,10 +53,12 @@ def test_a_problem_is_measured_once_then_read_back_by_a_later_process(auto):
     assert stored == {"algorithm": choice.algorithm, "ms": choice.ms}
 
     conv_algorithm.forget()  # as a new process on this machine: the file's verdict, no measurement
-    assert _took(layer.convolve(x)) == choice.algorithm
+    assert _took(layer.conv(x)) == choice.algorithm
     assert choices_made()[key].source == "cached" and len(auto) == 1
+    # described as when measured (the file keeps the times in its own order)
+    assert choices_made()[key].describe() == choice.describe().replace("(measured)", "(cached)")
     with torch.no_grad():  # inference is its own problem
-        layer.convolve(x)
+        layer.conv(x)
     assert len(auto) == 2 and "8x20x20->8 k9 s2 float32 infer batch 4" in choices_made()
 
 
@@ -64,10 +66,10 @@ def test_measuring_draws_nothing_from_the_global_generator_and_is_invisible_to_a
     layer, x = _layer(), torch.rand(5, 8, 20, 20)
     state = torch.get_rng_state()
     with FlopCounterMode(display=False) as measuring:
-        layer.convolve(x).sum().backward()
+        layer.conv(x).sum().backward()
     assert len(auto) == 1 and torch.equal(torch.get_rng_state(), state)
     with FlopCounterMode(display=False) as again:
-        layer.convolve(x).sum().backward()
+        layer.conv(x).sum().backward()
     assert measuring.get_total_flops() == again.get_total_flops() > 0
 
 
@@ -91,11 +93,11 @@ def test_an_algorithm_forced_by_name_is_taken_unmeasured_and_a_wrong_name_is_one
     layer, x = _layer(), torch.rand(3, 8, 20, 20)
     for name in ("fourier", "direct"):
         monkeypatch.setenv("CAPSX_CONV_ALGORITHM", name)
-        assert _took(layer.convolve(x)) == name
+        assert _took(layer.conv(x)) == name
     assert auto == [] and not cache_path().exists()
     monkeypatch.setenv("CAPSX_CONV_ALGORITHM", "winograd")
     with pytest.raises(CapsxError, match="CAPSX_CONV_ALGORITHM='winograd': expected auto, fourier, direct or im2col"):
-        layer.convolve(x)
+        layer.conv(x)
 
 
 def test_what_the_transform_cannot_compute_takes_the_direct_conv_unmeasured(auto):

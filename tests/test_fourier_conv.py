@@ -107,9 +107,9 @@ def test_fp32_capsnet_takes_the_fourier_path_and_matches_the_direct_reference(mo
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 5, 9, 0])
     h = torch.relu(fast.conv1(x))
     monkeypatch.setenv("CAPSX_CONV_ALGORITHM", "direct")
-    assert "Convolution" in fast.primary_caps.convolve(h).grad_fn.name()
+    assert "Convolution" in fast.primary_caps.conv(h).grad_fn.name()
     monkeypatch.setenv("CAPSX_CONV_ALGORITHM", "fourier")
-    assert "FourierConv" in fast.primary_caps.convolve(h).grad_fn.name()
+    assert "FourierConv" in fast.primary_caps.conv(h).grad_fn.name()
     assert not any("FourierConv" in name for name in _graph(ref(x, y).capsules))  # the reference stays direct
     of, orf = fast(x, y), ref(x, y)
     assert torch.allclose(of.capsules, orf.capsules, rtol=1e-4, atol=1e-6)
@@ -127,7 +127,7 @@ def test_bf16_autocast_runs_the_fourier_path_in_bf16_within_bf16_error(monkeypat
     exact = torch.nn.functional.conv2d(
         h.double(), fast.primary_caps.conv.weight.double(), fast.primary_caps.conv.bias.double(), stride=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = fast.primary_caps.convolve(h)
+        got = fast.primary_caps.conv(h)
         conv = fast.primary_caps.conv
         direct = F.conv2d(h, conv.weight, conv.bias, conv.stride)  # oneDNN's bf16 conv
     assert "FourierConv" in got.grad_fn.name() and got.dtype == direct.dtype == torch.bfloat16

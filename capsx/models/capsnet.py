@@ -62,11 +62,7 @@ class PrimaryCaps(nn.Module):
         self.conv = MeasuredConv2d(in_channels, types * dim, kernel_size, stride=stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.capsules(self.convolve(x))
-
-    def convolve(self, x: Tensor) -> Tensor:
-        """The conv, in the frequency domain where this machine measured that faster (`MeasuredConv2d`)."""
-        return self.conv(x)
+        return self.capsules(self.conv(x))  # the conv by the algorithm this machine measured fastest
 
     def capsules(self, y: Tensor) -> Tensor:
         """Conv output (B, types*dim, H, W) -> squashed capsules (B, types*H*W, dim)."""

@@ -9,12 +9,11 @@ machine halved the frequency path's speed and kept the direct one's). So the fir
 the fastest: the frequency domain, the direct conv, and, where the conv's reduction is short (channels x
 kernel taps no more than its output channels, as for Conv1's single input channel: the unfolded input
 is then no larger than the output), the unfolded input times the kernel matrix (`im2col`; oneDNN's AVX2
-weight gradient for Conv1 ran at 13 GFLOP/s, a third of a batched matrix product's speed); the verdict
-is stored in `$CAPSX_CACHE/conv-algorithm.json` under this machine's key (CPU
-model, torch version, the kernels' CPU capability, oneDNN and MKL instruction caps, threads, a hash of
-the layer code), so later processes on the same machine agree with it and do not measure
-again. The first verdict written wins: concurrent processes (DDP workers, a resumed run) adopt it, so
-they compute alike.
+weight gradient for Conv1 ran at 13 GFLOP/s, a third of a batched matrix product's speed). The verdict
+is stored in `$CAPSX_CACHE/conv-algorithm.json` under this machine's key (CPU model, torch version, the
+kernels' CPU capability, oneDNN and MKL instruction caps, threads, a hash of the layer code), so later
+processes on the same machine agree with it and do not measure again. The first verdict written wins:
+concurrent processes (DDP workers, a resumed run) adopt it, so they compute alike.
 
 `CAPSX_CONV_ALGORITHM=fourier`, `direct` or `im2col` forces one for every such layer (`auto`, the
 default, measures); deleting the cache file measures again.
@@ -81,7 +80,8 @@ class Choice:
     def describe(self) -> str:
         if self.source == "forced" or not self.ms:
             return f"{self.algorithm} (forced by {ENV})"
-        times = ", ".join(f"{t:.1f} ms {LABELS[a]}" for a, t in self.ms.items())
+        # in ALGORITHMS' order, however the cache file ordered them
+        times = ", ".join(f"{self.ms[a]:.1f} ms {LABELS[a]}" for a in ALGORITHMS if a in self.ms)
         return f"{self.algorithm}: {times} ({self.source})"
 
 
