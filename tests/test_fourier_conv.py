@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capsx.models import MODELS, build_model
-from capsx.models.fourier_conv import fourier_conv2d, half_spectrum, half_spectrum_adjoint
+from capsx.models import MODELS, build_model, fourier_conv
+from capsx.models.fourier_conv import expanding_mm, fourier_conv2d, half_spectrum, half_spectrum_adjoint
 from capsx.models.reference import ReferenceCapsNet
 
 pytestmark = pytest.mark.numerics  # run again under a lower CPU capability (tests/lower_isa.py)
@@ -149,3 +149,24 @@ def test_chunked_inference_equals_one_pass(monkeypatch):
         monkeypatch.setattr(fast.primary_caps.conv, "FOURIER_CHUNK", 3)  # 7 samples -> chunks of 3, 3, 1
         chunked = fast.primary_caps(h)
     assert torch.allclose(whole, chunked, atol=1e-6)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_expanding_mm_in_column_blocks_equals_one_product(monkeypatch, transposed):
+    monkeypatch.setattr(fourier_conv, "EXPANDING_COLUMNS", 7)  # blocks of 7 columns, the last one short
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(9, 4, generator=g, dtype=torch.double)
+    a = a.t().contiguous().t() if transposed else a  # the backward passes a transposed view
+    b = torch.randn(4, 40, generator=g, dtype=torch.double)
+    assert torch.allclose(expanding_mm(a, b), a @ b, atol=1e-12)
+    narrow = torch.randn(4, 14, generator=g, dtype=torch.double)  # too few columns for two blocks
+    assert torch.allclose(expanding_mm(a, narrow), a @ narrow, atol=1e-12)
+
+
+def test_expanding_mm_under_autograd_keeps_the_gradient(monkeypatch):
+    monkeypatch.setattr(fourier_conv, "EXPANDING_COLUMNS", 7)  # mm(out=) has no backward: one product
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(9, 4, generator=g, dtype=torch.double, requires_grad=True)
+    b = torch.randn(4, 40, generator=g, dtype=torch.double)
+    expanding_mm(a, b).sum().backward()
+    assert torch.allclose(a.grad, b.sum(dim=1).expand(9, 4), atol=1e-12)

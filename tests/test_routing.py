@@ -5,6 +5,7 @@ import torch
 
 from capsx.models.routing import (
     RoutingTrace,
+    agreement,
     capsule_length,
     dynamic_routing,
     route,
@@ -202,3 +203,11 @@ def test_every_routing_is_per_sample(routing):
     together = route(u, routing, 3, prior)
     alone = torch.cat([route(u[i:i + 1], routing, 3, prior) for i in range(6)])
     assert torch.allclose(together, alone, atol=1e-6)
+
+
+def test_agreement_is_each_row_block_times_its_vector():
+    torch.manual_seed(0)
+    u, v = torch.randn(5, 7, 3, dtype=torch.double), torch.randn(5, 3, dtype=torch.double)
+    want = torch.stack([u[n] @ v[n] for n in range(5)])  # (I, D) @ (D,) per block, by hand
+    assert agreement(u, v).shape == (5, 7)
+    assert torch.allclose(agreement(u, v), want, atol=1e-12)

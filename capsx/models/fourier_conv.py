@@ -78,6 +78,25 @@ def separable_dft(h: int, w: int, H: int, W: int, sign: int, dtype: torch.dtype,
     return rows.to(dtype=dtype, device=device), cols.to(dtype=dtype, device=device)
 
 
+EXPANDING_COLUMNS = 16384  # columns per product in `expanding_mm`
+
+
+def expanding_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a (m, k) @ b (k, n) for a transform that makes more rows than it reads (m > k), n in the 100,000s,
+    by column blocks written into one result: each block's output is still in cache when the product
+    ends. Measured on an AMD EPYC (AVX2) CPU: (60, 18) @ (18, 720896) 67 ms in one call, 32 ms in
+    blocks of 16384 columns; the contracting products (m < k) gain nothing, so they stay one call."""
+    n = b.shape[1]
+    if a.shape[0] <= a.shape[1] or n <= 2 * EXPANDING_COLUMNS or torch.is_grad_enabled() and (
+            a.requires_grad or b.requires_grad):
+        return a @ b
+    out = b.new_empty(a.shape[0], n)
+    for start in range(0, n, EXPANDING_COLUMNS):
+        end = min(n, start + EXPANDING_COLUMNS)
+        torch.mm(a, b[:, start:end], out=out[:, start:end])
+    return out
+
+
 def half_spectrum(maps: Tensor, H: int, W: int, sign: int) -> Tensor:
     """maps (M, h, w) -> [Re, Im, Re + Im] of their half spectra on H x W, (3, H * (W//2 + 1), M):
     frequency-major, the layout of the per-frequency products, with no copy of the maps (the first
@@ -85,7 +104,7 @@ def half_spectrum(maps: Tensor, H: int, W: int, sign: int) -> Tensor:
     M, h, w = maps.shape
     rows, cols = separable_dft(h, w, H, W, sign, maps.dtype, maps.device)
     Z = torch.bmm(rows.expand(h, *rows.shape), maps.permute(1, 2, 0))  # (h, 2V, M): (row, [Re, Im], v)
-    return (cols @ Z.view(2 * h, -1)).view(3, -1, M)  # ([Re, Im, Re + Im], u, v, M)
+    return expanding_mm(cols, Z.view(2 * h, -1)).view(3, -1, M)  # ([Re, Im, Re + Im], u, v, M)
 
 
 def half_spectrum_adjoint(spectra: Tensor, h: int, w: int, H: int, W: int, sign: int) -> Tensor:
@@ -171,7 +190,7 @@ class _FourierConv(torch.autograd.Function):
         first, second = geo.inverse(gy.dtype, gy.device)
         g = gy.permute(2, 3, 0, 1).reshape(ho, wo, B * O)
         gZ = torch.bmm(second.t().expand(ho, *second.t().shape), g)  # (ho, 2V, B O)
-        gP = (first.t() @ gZ.view(2 * ho, -1)).view(-1, B, O)  # (3 F, B, O)
+        gP = expanding_mm(first.t(), gZ.view(2 * ho, -1)).view(-1, B, O)  # (3 F, B, O)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
             gX = torch.bmm(gP, V.transpose(1, 2))  # (3 F, B, C)

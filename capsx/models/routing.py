@@ -70,8 +70,17 @@ class RoutingTrace:
     mean_abs_delta_b: list[float] = field(default_factory=list)  # mean |b_ij update| after each iteration
 
 
+def agreement(u: Tensor, v: Tensor) -> Tensor:
+    """u v per row block: (N, I, D) @ (N, D) -> (N, I), taken as v^T u^T, (1, D) @ (D, I).
+
+    The same sums as `bmm(u, v)`, in the layout MKL streams fastest: at batch 128 (u 94 MB) a call took
+    8 ms against 24 ms as u @ v on an AMD EPYC (AVX2) CPU, where u @ v was a quarter of the routing's
+    time in a training step."""
+    return torch.bmm(v.unsqueeze(1), u.transpose(1, 2)).squeeze(1)
+
+
 class _Agreement(torch.autograd.Function):
-    """a = u v per row block: (N, I, D) @ (N, D) -> (N, I), with a backward in the layouts that are fast.
+    """`agreement` with a backward in the layouts that are fast.
 
     autograd's own backward of `bmm(u, v)` takes the gradient of v as `u^T @ g`, a (D, I) @ (I, 1)
     product over a transposed view of u: measured 96 ms a call at batch 128 on an AVX2 CPU, a sixth of a
@@ -80,7 +89,7 @@ class _Agreement(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, u: Tensor, v: Tensor) -> Tensor:
         ctx.save_for_backward(u, v)
-        return torch.bmm(u, v.unsqueeze(2)).squeeze(2)
+        return agreement(u, v)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -146,8 +155,8 @@ def _iterate(u: Tensor, B: int, iterations: int, leaky: bool,
         trace.couplings.append(u.new_full((B, I, J), first).detach())
     b = None
     for _ in range(1, iterations):
-        agreement = _Agreement.apply(u, v).view(B, J, I)  # u_hat(j|i) . v_j
-        b = agreement if b is None else b + agreement  # (B, J, I)
+        a = _Agreement.apply(u, v).view(B, J, I)  # u_hat(j|i) . v_j
+        b = a if b is None else b + a  # (B, J, I)
         c = _couplings(b, leaky)  # each input capsule i splits itself over the J parents
         s = torch.bmm(c.view(N, 1, I), u).view(N, D)  # s_j = sum_i c_ij u_hat(j|i)
         v = squash(s)
@@ -155,10 +164,10 @@ def _iterate(u: Tensor, B: int, iterations: int, leaky: bool,
         it.s.append(s)
         it.v.append(v)
         if trace is not None:
-            trace.mean_abs_delta_b.append(agreement.detach().abs().mean().item())
+            trace.mean_abs_delta_b.append(a.detach().abs().mean().item())
             trace.couplings.append(c.detach().transpose(1, 2))  # as (B, I, J)
     if trace is not None:  # the update the last iteration would make (Procedure 1, line 7)
-        last = torch.bmm(u, v.view(N, D, 1))
+        last = agreement(u, v.view(N, D))
         trace.mean_abs_delta_b.append(last.detach().abs().mean().item())
     return v.view(B, J, D), it
 
@@ -206,7 +215,7 @@ class _DynamicRouting(torch.autograd.Function):
         gb_later = None  # d loss / d b_t through the later iterations (b_{t+1} = b_t + a_{t+1})
         for t in range(T - 1, 0, -1):  # iteration t + 1 of Procedure 1 (0-based lists)
             gs = _vjp(squash, s[t], gv)[1]
-            gc = torch.bmm(u, gs.unsqueeze(2)).view(B, J, I)  # s = c u  ->  dc = u . gs
+            gc = agreement(u, gs).view(B, J, I)  # s = c u  ->  dc = u . gs
             c, gb = _vjp(lambda x: _couplings(x, leaky), b[t - 1], gc)
             if gb_later is not None:
                 gb = gb + gb_later
@@ -229,8 +238,8 @@ def attention_routing(u_hat: Tensor, prior: Tensor, trace: RoutingTrace | None =
     B, I, J, D = u_hat.shape
     u = u_hat.transpose(1, 2).reshape(B * J, I, D)  # the layout of dynamic_routing's products
     total = u.sum(dim=1)  # (B*J, D): sum_k u_hat(j|k)
-    agreement = _Agreement.apply(u, total).view(B, J, I) * D ** -0.5
-    c = agreement.softmax(dim=1)  # over the parents j
+    a = _Agreement.apply(u, total).view(B, J, I) * D ** -0.5
+    c = a.softmax(dim=1)  # over the parents j
     weights = c + prior.t().to(c.dtype)  # (B, J, I): c_ij + b_ij
     v = squash_fn(torch.bmm(weights.view(B * J, 1, I), u).view(B, J, D))
     if trace is not None:
